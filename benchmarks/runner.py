@@ -1,0 +1,93 @@
+"""Run the workload's cases against any engine that can generate from token ids.
+
+Standard library only. A worker supplies `generate(prompts, max_tokens) -> list[int]`, the number
+of tokens produced for each prompt, greedy and ignoring EOS; this module times the cases of
+benchmarks.workload and fills an EngineResult.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Callable
+
+from benchmarks.workload import EngineResult, Prompts, Workload, too_long
+
+log = logging.getLogger(__name__)
+
+Generate = Callable[[list[list[int]], int], list[int]]
+
+
+def _timed(generate: Generate, prompts: list[list[int]], max_tokens: int, result: EngineResult) -> float:
+    start = time.perf_counter()
+    lengths = generate(prompts, max_tokens)
+    elapsed = time.perf_counter() - start
+    if any(n != max_tokens for n in lengths):
+        note = f"asked {max_tokens} tokens per prompt, got {sorted(set(lengths))}"
+        if note not in result.notes:
+            result.notes.append(note)
+    return elapsed
+
+
+def run_cases(generate: Generate, workload: Workload, result: EngineResult) -> EngineResult:
+    """Time prefill, batch-1 decode and each concurrency level; a failing case is noted, not fatal."""
+    prompts = Prompts(workload.seed)
+    wl = workload
+    _timed(generate, prompts.make(1, 16), 4, result)  # warm-up: first-call allocations, lazy init
+
+    try:
+        best = min(_timed(generate, prompts.make(1, wl.prefill_len), 1, result) for _ in range(wl.repeats))
+        result.prefill_tok_s = wl.prefill_len / best
+        log.info("%s %s: prefill %.1f tok/s", result.engine, result.variant, result.prefill_tok_s)
+    except Exception as exc:  # noqa: BLE001 - one case failing must not lose the others
+        result.notes.append(f"prefill failed: {exc!r}")
+        log.error("prefill failed\n%s", traceback.format_exc())
+
+    try:
+        rates = []
+        for _ in range(wl.repeats):
+            first = _timed(generate, prompts.make(1, wl.prompt_len), 1, result)
+            full = _timed(generate, prompts.make(1, wl.prompt_len), wl.output_len, result)
+            rates.append((wl.output_len - 1) / max(full - first, 1e-9))
+        result.decode_b1_tok_s = max(rates)
+        log.info("%s %s: decode b1 %.2f tok/s", result.engine, result.variant, result.decode_b1_tok_s)
+    except Exception as exc:  # noqa: BLE001
+        result.notes.append(f"decode_b1 failed: {exc!r}")
+        log.error("decode_b1 failed\n%s", traceback.format_exc())
+
+    # Predict each level's time from the last measured rate; batching only makes it faster.
+    rate = result.decode_b1_tok_s
+    for n in wl.concurrency:
+        key = str(n)
+        skip = too_long(wl, n * wl.output_len, rate)
+        if skip:
+            result.concurrent_tok_s[key] = None
+            result.notes.append(f"concurrent {n}: {skip}")
+            continue
+        try:
+            elapsed = _timed(generate, prompts.make(n, wl.prompt_len), wl.output_len, result)
+            rate = n * wl.output_len / elapsed
+            result.concurrent_tok_s[key] = rate
+            log.info("%s %s: %d concurrent %.1f tok/s", result.engine, result.variant, n, rate)
+        except Exception as exc:  # noqa: BLE001
+            result.concurrent_tok_s[key] = None
+            result.notes.append(f"concurrent {n} failed: {exc!r}")
+            log.error("concurrent %d failed\n%s", n, traceback.format_exc())
+    return result
+
+
+def worker_args(description: str, variants: list[str]):
+    """Command line shared by every worker: which checkpoint, which weight format, which workload."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json, safetensors)")
+    parser.add_argument("--variant", required=True, choices=variants)
+    parser.add_argument("--workload", required=True, help="Workload as JSON (benchmarks.workload)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only prepare files the run needs (e.g. a converted checkpoint), then exit")
+    args = parser.parse_args()
+    args.workload = Workload.from_json(args.workload)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return args
