@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import checkpoints, report, roofline
-from benchmarks.model_math import MLAShape, kv_bytes_latent
+from benchmarks.model_math import MLAShape, kv_bytes_expanded_padded, kv_bytes_latent
 from benchmarks.procs import run_tracked
 from benchmarks.workload import EngineResult, Workload, parse_result
 
@@ -33,7 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / ".venvs"
 RESULTS = ROOT / "benchmarks" / "results"
 TCMALLOC = "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-VLLM_KVCACHE_GIB = 4
 VLLM_MLA_LATENT = 576  # the only latent width vLLM's CPU MLA kernel accepts
 
 
@@ -61,21 +61,25 @@ ENGINES = {
 }
 
 
-def engine_env(engine: Engine, config: dict, threads: int) -> dict[str, str]:
+def engine_env(engine: Engine, config: dict, workload: Workload) -> dict[str, str]:
     """The environment each engine runs best with on this machine (shared/peers.md)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT)
-    env["OMP_NUM_THREADS"] = str(threads)
+    env["OMP_NUM_THREADS"] = str(workload.threads)
     if engine.name == "vllm":
+        shape = MLAShape.from_config(config)
+        mla = config["kv_lora_rank"] + config["qk_rope_head_dim"] == VLLM_MLA_LATENT
+        per_token = kv_bytes_latent(shape, 4) if mla else kv_bytes_expanded_padded(shape, 4)
         env.update({
-            "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{workload.threads - 1}",
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-            "VLLM_CPU_KVCACHE_SPACE": str(VLLM_KVCACHE_GIB),
+            # Whole GiB is vLLM's unit: the workload's need in its own cache format, rounded up.
+            "VLLM_CPU_KVCACHE_SPACE": str(max(1, math.ceil(workload.kv_budget_bytes(per_token) / 2**30))),
         })
         preload = [p for p in (TCMALLOC, str(VENVS / "vllm" / "lib" / "libiomp5.so")) if Path(p).exists()]
         if preload:
             env["LD_PRELOAD"] = ":".join(preload)
-        if config["kv_lora_rank"] + config["qk_rope_head_dim"] != VLLM_MLA_LATENT:
+        if not mla:
             env["VLLM_MLA_DISABLE"] = "1"
     env.update(engine.env)
     return env
@@ -96,7 +100,7 @@ def run_variant(engine: Engine, variant: str, ckpt: Path, workload: Workload, co
                 log_dir: Path) -> EngineResult:
     cmd = [str(engine.python()), "-m", engine.module, "--checkpoint", str(ckpt), "--variant", variant,
            "--workload", workload.to_json()]
-    env = engine_env(engine, config, workload.threads)
+    env = engine_env(engine, config, workload)
     if engine.prepare:
         prep = run_tracked(cmd + ["--prepare-only"], env, ROOT, log_dir / f"{engine.name}-{variant}-prepare.log",
                            engine.timeout_s)

@@ -1,6 +1,6 @@
 """Worker: zizhu through its public offline API, run with the Python zizhu is installed in.
 
-`LLM(path, dtype=..., max_model_len=..., max_num_seqs=64, kv_cache_memory=4 GiB[, quantization])`,
+`LLM(path, dtype=..., max_model_len=..., max_num_seqs=64, kv_cache_memory=...[, quantization])`,
 then `generate(list of token-id prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))`.
 N concurrent sequences are N prompts in one generate call. The int8 variant asks for weight-only
 int8 with `quantization="int8"` and is reported "not supported" when the engine refuses it.
@@ -8,12 +8,15 @@ int8 with `quantization="int8"` and is reported "not supported" when the engine 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from benchmarks.model_math import MLAShape, kv_bytes_latent
 from benchmarks.runner import run_cases, worker_args
 from benchmarks.workload import EngineResult, emit
 
 # variant -> (dtype, quantization)
 VARIANTS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8")}
-KV_CACHE_BYTES = 4 * 2**30  # the same budget vLLM gets
 
 
 def main() -> None:
@@ -32,8 +35,11 @@ def main() -> None:
     dtype, quantization = VARIANTS[args.variant]
     result = EngineResult(engine="zizhu", variant=args.variant,
                           version=f"zizhu {zizhu.__version__}, torch {torch.__version__}")
+    shape = MLAShape.from_config(json.loads((Path(args.checkpoint) / "config.json").read_text()))
+    kv_budget = wl.kv_budget_bytes(kv_bytes_latent(shape, 2 if dtype == "bfloat16" else 4))
+    result.extra["kv_cache_memory"] = kv_budget
     options = dict(dtype=dtype, max_model_len=wl.max_model_len, max_num_seqs=max(wl.concurrency),
-                   kv_cache_memory=KV_CACHE_BYTES)
+                   kv_cache_memory=kv_budget)
     if quantization:
         options["quantization"] = quantization
     start = time.perf_counter()

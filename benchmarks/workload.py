@@ -44,6 +44,15 @@ class Workload:
     def max_model_len(self) -> int:
         return max(self.prefill_len + 8, self.prompt_len + self.output_len + 8)
 
+    def kv_budget_bytes(self, kv_bytes_per_token: float) -> int:
+        """KV memory for the largest case (every sequence at full length), plus 25% for block rounding.
+
+        Engines that preallocate their cache get this much, sized in their own cache format, so
+        peak RSS compares what each format needs rather than an arbitrary reservation.
+        """
+        tokens = max(max(self.concurrency) * (self.prompt_len + self.output_len), self.max_model_len)
+        return int(1.25 * tokens * kv_bytes_per_token)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
