@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("measuring memory bandwidth")
     run["bandwidth"] = roofline.measure_bandwidth(threads=workload.threads)
     mean_context = workload.prompt_len + workload.output_len // 2
-    run["roofline"] = roofline.bounds(config, run["bandwidth"]["copy_gb_s"], mean_context)
+    run["roofline"] = roofline.bounds(config, run["bandwidth"]["bound_gb_s"], mean_context)
 
     for engine, variants in chosen:
         ok = installed(engine)

@@ -201,7 +201,9 @@ def markdown(run: dict) -> str:
         lines += ["## Roofline, batch-1 decode", "",
                   f"Memory bandwidth (torch copy, {bw.get('bytes', 0) / 2**30:.0f} GiB buffers, read + write): "
                   f"{bw['copy_gb_s']:.1f} GB/s; read-only (sum): {bw.get('read_gb_s', 0):.1f} GB/s. "
-                  "Bound = copy bandwidth / bytes read per decoded token.", "",
+                  f"Bound = {bw.get('bound_gb_s', bw['copy_gb_s']):.1f} GB/s (the faster) / bytes read per "
+                  "decoded token (weights of the selected experts only, plus the KV cache at the mean context).",
+                  "",
                   "| weights | MB read / token | bound tok/s | zizhu tok/s | fraction |", "|---|---|---|---|---|"]
         for variant, r in roof.items():
             z = _find(results, "zizhu", variant)
