@@ -35,7 +35,7 @@ has_module() {  # has_module VENV MODULE
 
 install_tcmalloc() {
     # vLLM's CPU backend wants tcmalloc preloaded; Debian's libtcmalloc-minimal4 provides it.
-    if ! ldconfig -p | grep -q 'libtcmalloc_minimal.so.4'; then
+    if ! dpkg -s libtcmalloc-minimal4 >/dev/null 2>&1; then
         log "installing libtcmalloc-minimal4 (apt-get)"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4
