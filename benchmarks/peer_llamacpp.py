@@ -31,7 +31,8 @@ VENDOR = ROOT / "benchmarks" / ".cache" / "llama-cpp-python-0.3.36" / "vendor" /
 TOOLS = VENDOR / "build" / "bin"
 GGUF_DIR = ROOT / "benchmarks" / ".cache" / "gguf"
 OUTTYPES = {"f16": "f16", "q8_0": "q8_0"}
-KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells")
+# "llama_kv_cache: size =    1.25 MiB (   256 cells,   4 layers,  8/8 seqs)": cells are per stream.
+KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +\d+ layers, +\d+/(\d+) seqs")
 
 
 def gguf_path(checkpoint: Path, variant: str) -> Path:
@@ -54,7 +55,7 @@ def convert(checkpoint: Path, variant: str) -> Path:
 
 def run_tool(args: list[str]) -> str:
     """Run a llama.cpp tool; return stdout. Its log (stderr) is echoed for the run's log file."""
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, errors="replace")
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{Path(args[0]).name} exited {proc.returncode}: {proc.stderr[-2000:]}")
@@ -103,12 +104,13 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001
         result.notes.append(f"prefill failed: {exc!r}")
 
-    levels = [1, *wl.concurrency]
-    n_ctx = max(levels) * (wl.prompt_len + wl.output_len)
+    levels = [1, 1, *wl.concurrency]  # the first level warms up; rows keyed by level keep the second
+    n_ctx = max(levels) * (wl.prompt_len + wl.output_len)  # each stream gets n_ctx / max level cells
     try:
         out = run_tool([str(TOOLS / "llama-batched-bench"), "-m", str(model), "-c", str(n_ctx), "-b", "2048",
                         "-ub", "512", "-npp", str(wl.prompt_len), "-ntg", str(wl.output_len),
-                        "-npl", ",".join(map(str, levels)), "-t", t, "-tb", t, "--output-format", "jsonl"])
+                        "-npl", ",".join(map(str, levels)), "-t", t, "-tb", t, "--output-format", "jsonl",
+                        "-lv", "4"])  # verbosity 4 logs the KV cache size
         rows = {r["pl"]: r for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
         result.decode_b1_tok_s = rows[1]["speed_tg"]
         for n in wl.concurrency:
@@ -117,8 +119,8 @@ def main() -> None:
         result.extra["batched_bench"] = list(rows.values())
         kv = KV_LINE.search(out)
         if kv:
-            result.kv_bytes_per_token = float(kv.group(1)) * 2**20 / int(kv.group(2))
-            result.kv_source = "measured: llama_kv_cache size / cells in llama.cpp's log"
+            result.kv_bytes_per_token = float(kv.group(1)) * 2**20 / (int(kv.group(2)) * int(kv.group(3)))
+            result.kv_source = "measured: llama_kv_cache size / (cells x streams) in llama.cpp's log"
     except Exception as exc:  # noqa: BLE001
         result.notes.append(f"batched-bench failed: {exc!r}")
 

@@ -30,7 +30,7 @@ class Workload:
     repeats: int = 2  # timed repetitions of prefill and decode_b1 (the best is kept)
     threads: int = 2
     seed: int = 1234
-    max_case_seconds: float = 900.0  # a case predicted to run longer is skipped, and says so
+    max_case_seconds: float = 600.0  # a case predicted to run longer is skipped, and says so
 
     @classmethod
     def full(cls) -> "Workload":
