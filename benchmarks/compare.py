@@ -154,6 +154,18 @@ def parse_engines(text: str) -> list[tuple[Engine, list[str]]]:
     return chosen
 
 
+def reused_results(path: Path, fresh: list[dict]) -> list[dict]:
+    """Results of engine variants measured in the earlier run at `path` and not in this one."""
+    earlier = json.loads(path.read_text())
+    have = {(r["engine"], r["variant"]) for r in fresh}
+    reused = []
+    for r in earlier["results"]:
+        if (r["engine"], r["variant"]) not in have:
+            r["notes"] = [f"from run {earlier['timestamp']} (--reuse)", *r["notes"]]
+            reused.append(r)
+    return reused
+
+
 def write_run(run: dict, stem: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = [EngineResult.from_dict(d) for d in run["results"]]
@@ -173,11 +185,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="32 output tokens, one repetition, shorter limits")
     parser.add_argument("--concurrency", help="override the concurrency levels, e.g. 8,32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reuse", type=Path,
+                        help="an earlier run's JSON: engine variants not selected here are taken from it (marked so)")
+    parser.add_argument("--max-case-seconds", type=float,
+                        help="skip a case predicted (from the last measured rate) to take longer than this")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     workload = Workload.quick() if args.quick else Workload.full()
     overrides = {"threads": args.threads}
+    if args.max_case_seconds:
+        overrides["max_case_seconds"] = args.max_case_seconds
     if args.concurrency:
         overrides["concurrency"] = tuple(int(n) for n in args.concurrency.split(","))
     workload = Workload(**{**workload.__dict__, **overrides})
@@ -214,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
             result = run_variant(engine, variant, ckpt, workload, config, log_dir)
             run["results"].append(result.to_dict())
             write_run(run, stem)  # keep what is measured so far if a later engine hangs
+    if args.reuse:
+        run["results"] += reused_results(args.reuse, run["results"])
     run["machine"]["load_after"] = load_average()
     json_path, md_path = write_run(run, stem)
     print(md_path.read_text())

@@ -114,13 +114,3 @@ def parse_result(stdout: str) -> EngineResult | None:
         if line.startswith(RESULT_PREFIX):
             return EngineResult.from_dict(json.loads(line[len(RESULT_PREFIX):]))
     return None
-
-
-def too_long(workload: Workload, tokens: int, tok_s: float | None) -> str | None:
-    """A note if `tokens` at `tok_s` would exceed the case limit, else None."""
-    if not tok_s:
-        return None
-    predicted = tokens / tok_s
-    if predicted > workload.max_case_seconds:
-        return f"skipped: predicted {predicted:.0f} s > {workload.max_case_seconds:.0f} s limit"
-    return None

@@ -126,3 +126,26 @@ def test_targets_report_reached_and_not_reached():
     b1 = status["small decode b1: zizhu int8 / llama.cpp Q8_0 >= 1.0"]
     assert b1["status"] == "not reached" and b1["value"] == pytest.approx(0.5)
     assert status["small 32 concurrent: zizhu int8 / llama.cpp Q8_0 >= 2.0"]["status"] == "reached"
+
+
+def test_runner_skips_only_levels_that_cannot_fit_the_limit():
+    from benchmarks.runner import run_cases
+
+    def fake_generate(prompts, max_tokens):  # instant: every level runs
+        return [max_tokens] * len(prompts)
+
+    wl = Workload(prefill_len=8, prompt_len=4, output_len=3, concurrency=(2, 4), repeats=1)
+    r = run_cases(fake_generate, wl, EngineResult("zizhu", "fp32"))
+    assert set(r.concurrent_tok_s) == {"2", "4"} and all(v for v in r.concurrent_tok_s.values())
+    assert not r.notes
+
+    import time
+
+    def slow_generate(prompts, max_tokens):  # 10 ms per prompt token and per decode step
+        time.sleep(0.01 * (len(prompts) * len(prompts[0]) + max_tokens))
+        return [max_tokens] * len(prompts)
+
+    wl = Workload(prefill_len=8, prompt_len=4, output_len=3, concurrency=(1000,), repeats=1, max_case_seconds=5)
+    r = run_cases(slow_generate, wl, EngineResult("hf", "fp32"))
+    assert r.concurrent_tok_s == {"1000": None}
+    assert "skipped: estimated at least" in r.notes[0]
