@@ -54,12 +54,15 @@ def convert(checkpoint: Path, variant: str) -> Path:
 
 
 def run_tool(args: list[str]) -> str:
-    """Run a llama.cpp tool; return stdout. Its log (stderr) is echoed for the run's log file."""
-    proc = subprocess.run(args, capture_output=True, text=True, errors="replace")
-    sys.stderr.write(proc.stderr)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{Path(args[0]).name} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return proc.stdout + "\n" + proc.stderr
+    """Run a llama.cpp tool; return its stdout and log, echoing them as they come for the run's log."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    lines = []
+    for line in proc.stdout:
+        sys.stderr.write(line)
+        lines.append(line)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{Path(args[0]).name} exited {proc.returncode}: {''.join(lines)[-2000:]}")
+    return "".join(lines)
 
 
 def binding_decode_b1(model: Path, wl) -> float:
