@@ -109,6 +109,7 @@ def run_variant(engine: Engine, variant: str, ckpt: Path, workload: Workload, co
                                 notes=[f"preparation failed (exit {prep.returncode}), see "
                                        f"{log_dir.name}/{engine.name}-{variant}-prepare.log"])
     log.info("running %s %s", engine.name, variant)
+    load_before = load_average()
     done = run_tracked(cmd, env, ROOT, log_dir / f"{engine.name}-{variant}.log", engine.timeout_s)
     result = parse_result(done.output)
     if result is None:
@@ -119,6 +120,8 @@ def run_variant(engine: Engine, variant: str, ckpt: Path, workload: Workload, co
                             peak_rss_bytes=done.peak_rss_bytes)
     result.peak_rss_bytes = done.peak_rss_bytes
     result.extra["worker_wall_s"] = done.wall_s
+    # Other work on the machine slows every engine (2 threads on 2 cores): keep the evidence.
+    result.extra["load_average"] = {"before": load_before, "after": load_average()}
     return result
 
 

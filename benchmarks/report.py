@@ -220,7 +220,10 @@ def markdown(run: dict) -> str:
         if r.version:
             bits.append(r.version)
         if r.load_s is not None:
-            bits.append(f"load {r.load_s:.0f} s")
+            bits.append(f"model load {r.load_s:.0f} s")
+        if "load_average" in r.extra:
+            la = r.extra["load_average"]
+            bits.append(f"load average {la['before']} -> {la['after']}")
         if r.kv_source:
             bits.append(f"KV: {r.kv_source}")
         bits += r.notes
