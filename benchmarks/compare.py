@@ -122,6 +122,7 @@ def run_variant(engine: Engine, variant: str, ckpt: Path, workload: Workload, co
     result.extra["worker_wall_s"] = done.wall_s
     # Other work on the machine slows every engine (2 threads on 2 cores): keep the evidence.
     result.extra["load_average"] = {"before": load_before, "after": load_average()}
+    result.extra["other_cpu_cores"] = done.other_cpu_cores
     return result
 
 

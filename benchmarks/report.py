@@ -152,13 +152,14 @@ def _x(v: float | None) -> str:
 
 def engine_table(results: list[EngineResult], concurrency: list[int]) -> list[str]:
     keys = metric_keys(concurrency)
-    head = ["engine", "weights", *[t for _, t in keys], "peak RSS", "KV B/token", "status"]
+    head = ["engine", "weights", *[t for _, t in keys], "peak RSS", "KV B/token", "other CPU load", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [ENGINE_NAMES.get(r.engine, r.engine), r.variant]
         cells += [_num(metric(r, k)) for k, _ in keys]
         kv = "–" if r.kv_bytes_per_token is None else f"{r.kv_bytes_per_token:,.0f}"
-        cells += [_mib(r.peak_rss_bytes), kv, r.status]
+        other = r.extra.get("other_cpu_cores")
+        cells += [_mib(r.peak_rss_bytes), kv, "–" if other is None else f"{other:.2f} cores", r.status]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -190,7 +191,9 @@ def markdown(run: dict) -> str:
                      f"before {machine.get('load_before', '?')}, after {machine.get('load_after', '?')}.")
     lines += ["", "## Throughput, memory, KV cache", ""]
     lines += engine_table(results, conc)
-    lines += ["", "Output tok/s at N concurrent = N x output tokens / wall time of the call, prefill included.",
+    lines += ["", "Output tok/s at N concurrent = N x output tokens / wall time of the call, prefill included. "
+              "Other CPU load: cores kept busy by other processes during that engine's run (of 2); "
+              "above ~0.2 the engine's figures are depressed, by several times for llama.cpp.",
               "", "## zizhu / peer (same weight dtype class)", ""]
     lines += ratio_table(run.get("ratios", []), conc)
     lines += ["", "Throughput columns: above 1 means zizhu is faster. Peak RSS and KV columns: below 1 means "

@@ -116,7 +116,7 @@ def test_table_writer_reports_a_missing_peer():
     assert status["small decode b1: zizhu int8 / llama.cpp Q8_0 >= 1.0"].startswith("not measured")
     kv = next(t for t in run["targets"] if t["target"].startswith("KV bytes"))
     assert kv["status"].startswith("reached")
-    assert "| HF transformers | fp32 | 50.0 | 4.0 | 16.0 | – | – |" in md
+    assert "| HF transformers | fp32 | 50.0 | 4.0 | 16.0 | – | – | 4,096 MiB | – | – | ok |" in md
 
 
 def test_targets_report_reached_and_not_reached():
