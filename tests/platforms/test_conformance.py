@@ -110,3 +110,12 @@ def test_plugin_platform_from_entry_points(monkeypatch):
     monkeypatch.setattr(platforms, "entry_points", lambda group: [EntryPoint()] if group == "zizhu.platforms" else [])
     assert isinstance(get_platform(), FakeChip)
     assert "fakechip" in platforms.available_platforms()
+
+
+def test_int8_linear(platform):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 24, generator=g)
+    q = torch.randint(-127, 128, (12, 24), generator=g, dtype=torch.int8)
+    scale = torch.rand(12, generator=g) * 0.01
+    want = x @ (q.float() * scale[:, None]).T
+    torch.testing.assert_close(platform.int8_linear(x, q, scale).cpu(), want, atol=1e-5, rtol=1e-4)
