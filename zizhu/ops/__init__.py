@@ -1,0 +1,11 @@
+"""Reference PyTorch implementations of the hot ops.
+
+They are correct on any device and define the semantics a platform's own kernels must match
+(the conformance tests compare against them). Platforms pick them up through `Platform`.
+"""
+
+from zizhu.ops.attention import mla_prefill, paged_mla_decode, write_kv_cache
+from zizhu.ops.moe import moe_experts
+from zizhu.ops.norm import rms_norm
+
+__all__ = ["mla_prefill", "paged_mla_decode", "write_kv_cache", "moe_experts", "rms_norm"]

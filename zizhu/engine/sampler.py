@@ -1,0 +1,119 @@
+"""Batched sampling: logits [B, V] -> one token per row, honouring each row's SamplingParams.
+
+Sampling draws with the exponential race (argmax of p / E, E ~ Exp(1)), which is an exact sample
+from p. A seeded request draws its noise from its own generator, one full-vocabulary draw per
+step, so its tokens do not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zizhu.engine.request import Request
+
+
+@dataclass
+class SampledLogprobs:
+    chosen: float
+    rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0):
+        self.eos_token_ids = eos_token_ids
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[SampledLogprobs | None]]:
+        logits = logits.float()
+        raw_logprobs = None
+        if any(r.params.logprobs is not None for r in requests):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits, requests)
+        self._block_early_stop(logits, requests)
+
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows)
+            probs = self._filtered_probs(logits[rows], [requests[i] for i in random_rows])
+            noise = self._exponential_noise(probs.shape, [requests[i] for i in random_rows])
+            tokens[rows] = (probs / noise).argmax(dim=-1)
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(raw_logprobs, token_list, requests)
+
+    # ------------------------------------------------------------------ logit processing
+    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        for i, r in enumerate(requests):
+            p = r.params
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long)
+                values = logits[i, seen]
+                logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            if (p.frequency_penalty or p.presence_penalty) and r.output_token_ids:
+                counts = torch.bincount(torch.tensor(r.output_token_ids), minlength=logits.shape[-1])[: logits.shape[-1]]
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        return logits
+
+    def _block_early_stop(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        for i, r in enumerate(requests):
+            if len(r.output_token_ids) < r.params.min_tokens:
+                stops = [t for t in (*self.eos_token_ids, *r.params.stop_token_ids) if t < logits.shape[-1]]
+                logits[i, stops] = float("-inf")
+
+    def _filtered_probs(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        temperature = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
+        logits = logits / temperature[:, None]
+        top_k = [r.params.top_k for r in requests]
+        if any(top_k):
+            vocab = logits.shape[-1]
+            k = torch.tensor([min(t, vocab) if t else vocab for t in top_k])
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        top_p = torch.tensor([r.params.top_p for r in requests], dtype=probs.dtype)
+        if (top_p < 1).any():
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly above each token
+            drop_sorted = before >= top_p[:, None]  # keeps the smallest set reaching top_p (at least one)
+            drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+        min_p = torch.tensor([r.params.min_p for r in requests], dtype=probs.dtype)
+        if (min_p > 0).any():
+            threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        return probs
+
+    def _exponential_noise(self, shape: torch.Size, requests: list[Request]) -> torch.Tensor:
+        noise = torch.empty(shape)
+        unseeded = [i for i, r in enumerate(requests) if r.generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), shape[1]).exponential_(generator=self.generator)
+        for i, r in enumerate(requests):
+            if r.generator is not None:
+                noise[i].exponential_(generator=r.generator)
+        return noise
+
+    # ------------------------------------------------------------------ logprobs
+    def _logprobs(self, raw: torch.Tensor | None, tokens: list[int], requests: list[Request]) -> list[SampledLogprobs | None]:
+        out: list[SampledLogprobs | None] = [None] * len(requests)
+        if raw is None:
+            return out
+        for i, r in enumerate(requests):
+            n = r.params.logprobs
+            if n is None:
+                continue
+            row = raw[i]
+            chosen = row[tokens[i]]
+            rank = int((row > chosen).sum()) + 1
+            top = row.topk(n) if n else None
+            out[i] = SampledLogprobs(
+                chosen=float(chosen),
+                rank=rank,
+                top_ids=top.indices.tolist() if top is not None else [],
+                top_logprobs=top.values.tolist() if top is not None else [],
+            )
+        return out

@@ -1,0 +1,92 @@
+"""Multi-head Latent Attention over the paged latent cache.
+
+Per token only `[c_kv (kv_lora_rank) | k_pe (rope dim)]` is cached. Decode absorbs W_UK into the
+query and W_UV into the output so attention runs directly on the latent rows; prefill decompresses
+K/V once per sequence and attends at head width (cheaper when there are many queries).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zizhu.config import ModelConfig
+from zizhu.layers.batch import AttentionBatch
+from zizhu.layers.norm import RMSNorm
+from zizhu.layers.rope import RotaryEmbedding
+from zizhu.ops.attention import gather_context
+
+
+def _linear(in_features: int, out_features: int, dtype: torch.dtype, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    layer.weight.requires_grad_(False)
+    return layer
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype):
+        super().__init__()
+        self.platform = platform
+        self.num_heads = cfg.num_attention_heads
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        q_out = self.num_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = _linear(cfg.hidden_size, cfg.q_lora_rank, dtype, cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, platform, dtype)
+            self.q_b_proj = _linear(cfg.q_lora_rank, q_out, dtype)
+        else:
+            self.q_proj = _linear(cfg.hidden_size, q_out, dtype)
+        self.kv_a_proj_with_mqa = _linear(cfg.hidden_size, cfg.kv_latent_dim, dtype, cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, platform, dtype)
+        self.kv_b_proj = _linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), dtype)
+        self.o_proj = _linear(self.num_heads * self.v_dim, cfg.hidden_size, dtype, cfg.attention_bias)
+        self.rotary = RotaryEmbedding(cfg.rope, self.rope_dim)
+        self.w_uk: torch.Tensor | None = None  # [H, nope, R], derived from kv_b_proj after loading
+        self.w_uv: torch.Tensor | None = None  # [H, v, R]
+
+    def absorb(self) -> None:
+        """Split kv_b_proj into the per-head up-projections that decode folds into q and o."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        self.w_uk = w[:, : self.nope_dim].contiguous()
+        self.w_uv = w[:, self.nope_dim :].contiguous()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor):
+        num_tokens = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe)
+        self.platform.write_kv_cache(cache, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))
+
+        out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
+        n_dec = batch.num_decodes
+        if n_dec:
+            q_latent = torch.einsum("thn,hnr->thr", q_nope[:n_dec], self.w_uk)  # [B, H, R]
+            o_latent = self.platform.paged_mla_decode(
+                torch.cat([q_latent, q_pe[:n_dec]], dim=-1),
+                cache,
+                batch.block_tables[:n_dec],
+                batch.seq_lens[:n_dec],
+                self.kv_lora_rank,
+                self.scale,
+            )
+            out[:n_dec] = torch.einsum("thr,hvr->thv", o_latent, self.w_uv)
+        if n_dec < len(batch.seq_lens_cpu):
+            q_full = torch.cat([q_nope, q_pe], dim=-1)
+            for s, start, end, length in batch.prefills():
+                context = gather_context(cache, batch.block_tables[s], length)
+                out[start:end] = self.platform.mla_prefill(
+                    q_full[start:end], context, self.kv_b_proj.weight,
+                    self.num_heads, self.nope_dim, self.v_dim, self.scale,
+                )
+        return self.o_proj(out.view(num_tokens, -1))

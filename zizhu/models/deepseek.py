@@ -1,0 +1,139 @@
+"""DeepSeek-V2 / V2-Lite / V3 / R1 / V3.1: MLA attention, DeepSeekMoE, pre-norm decoder.
+
+Parameter names follow the HF checkpoints, so loading is a name match; the only translation is
+stacking per-expert weights into `experts.w13` / `experts.w2`, done in `load_weights`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from zizhu.config import ModelConfig
+from zizhu.errors import CheckpointError
+from zizhu.layers.batch import AttentionBatch
+from zizhu.layers.mla import MLAttention, _linear
+from zizhu.layers.moe import MLP, MoE
+from zizhu.layers.norm import RMSNorm
+
+logger = logging.getLogger(__name__)
+
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_FUSED_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, platform, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
+        self.self_attn = MLAttention(cfg, platform, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
+        self.mlp = MoE(cfg, platform, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor):
+        h = h + self.self_attn(self.input_layernorm(h), positions, batch, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, platform, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
+
+
+class DeepseekForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DeepseekModel(cfg, platform, dtype)
+        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Hidden states `[T, hidden]` after the final norm for the flattened batch of new tokens."""
+        h = self.model.embed_tokens(input_ids)
+        for layer, cache in zip(self.model.layers, kv_caches):
+            h = layer(h, positions, batch, cache)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # ------------------------------------------------------------------ loading
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors in; raise CheckpointError naming any missing or mis-shaped tensor."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        expert_parts: dict[str, set[tuple[int, str]]] = {}
+        skipped: list[str] = []
+        num_layers = self.cfg.num_hidden_layers
+        for name, tensor in weights:
+            layer = _LAYER_KEY.match(name)
+            if layer and int(layer.group(1)) >= num_layers:
+                continue  # multi-token-prediction layers: kept for speculative decoding, unused here
+            if m := _EXPERT_KEY.match(name):
+                prefix, expert, part = m.group(1), int(m.group(2)), m.group(3)
+                self._load_expert(params, prefix, expert, part, name, tensor)
+                expert_parts.setdefault(prefix, set()).add((expert, part))
+                continue
+            if m := _FUSED_EXPERT_KEY.match(name):
+                prefix = m.group(1)
+                target = f"{prefix}.w13" if m.group(2) == "gate_up_proj" else f"{prefix}.w2"
+                _copy(params, target, name, tensor)
+                num_experts = params[target].shape[0]
+                parts = ("gate", "up") if m.group(2) == "gate_up_proj" else ("down",)
+                expert_parts.setdefault(prefix, set()).update((e, p) for e in range(num_experts) for p in parts)
+                continue
+            if name not in params:
+                skipped.append(name)
+                continue
+            _copy(params, name, name, tensor)
+            loaded.add(name)
+        if self.cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            loaded.add("lm_head.weight")
+        for prefix, parts in expert_parts.items():
+            expected = params[f"{prefix}.w13"].shape[0] * 3
+            if len(parts) != expected:
+                raise CheckpointError(f"{prefix}: found {len(parts)} of {expected} expert weight tensors")
+            loaded.update({f"{prefix}.w13", f"{prefix}.w2"})
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise CheckpointError(f"checkpoint is missing tensor {_checkpoint_name(missing[0])!r} ({len(missing)} missing in all)")
+        if skipped:
+            logger.warning("ignored %d unexpected tensors, e.g. %s", len(skipped), skipped[:3])
+        for layer in self.model.layers:
+            layer.self_attn.absorb()
+
+    def _load_expert(self, params, prefix: str, expert: int, part: str, name: str, tensor: torch.Tensor) -> None:
+        w13, w2 = params[f"{prefix}.w13"], params[f"{prefix}.w2"]
+        if expert >= w13.shape[0]:
+            raise CheckpointError(f"{name}: expert index {expert} out of range (n_routed_experts={w13.shape[0]})")
+        inter = w2.shape[-1]
+        target = {"gate": w13[expert, :inter], "up": w13[expert, inter:], "down": w2[expert]}[part]
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(target.shape)}")
+        target.copy_(tensor)
+
+
+def _checkpoint_name(param: str) -> str:
+    if param.endswith(".experts.w13") or param.endswith(".experts.w2"):
+        return param.rsplit(".", 1)[0] + ".0.gate_proj.weight"
+    return param
+
+
+def _copy(params: dict[str, nn.Parameter], target: str, source: str, tensor: torch.Tensor) -> None:
+    param = params[target]
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise CheckpointError(f"tensor {source!r} has shape {list(tensor.shape)}, expected {list(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor)

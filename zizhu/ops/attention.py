@@ -1,0 +1,77 @@
+"""MLA attention over the paged latent cache.
+
+The cache of one layer is `[num_blocks, block_size, kv_lora_rank + rope_dim]`: each row is the
+normalised c_kv followed by the roped k_pe of one token. Nothing per head is ever stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.Tensor) -> None:
+    """Store `latent [T, W]` at flat slots (block * block_size + offset) of `cache`."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latent.to(cache.dtype))
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached rows of one sequence: `[length, W]`."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:num_blocks]].reshape(-1, cache.shape[-1])[:length]
+
+
+def paged_mla_decode(
+    q_latent: torch.Tensor,  # [B, H, R + P]: absorbed q_nope (R) then roped q_pe (P)
+    cache: torch.Tensor,  # [num_blocks, block_size, R + P]
+    block_tables: torch.Tensor,  # [B, max_blocks] int
+    seq_lens: torch.Tensor,  # [B] int: tokens visible to each query (its own included)
+    kv_lora_rank: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence, weight-absorbed: returns the attended latent `[B, H, R]`."""
+    batch, _, width = q_latent.shape
+    block_size = cache.shape[1]
+    max_len = int(seq_lens.max())
+    num_blocks = (max_len + block_size - 1) // block_size
+    context = cache[block_tables[:, :num_blocks]].reshape(batch, -1, width)  # [B, L, R + P]
+    scores = torch.bmm(q_latent, context.transpose(1, 2)).float() * scale  # [B, H, L]
+    positions = torch.arange(context.shape[1], device=scores.device)
+    scores.masked_fill_((positions[None, :] >= seq_lens[:, None])[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(context.dtype)
+    return torch.bmm(probs, context[..., :kv_lora_rank])  # [B, H, R]
+
+
+def mla_prefill(
+    q: torch.Tensor,  # [Q, H, D_nope + P] queries of one sequence, the last Q positions of its context
+    context: torch.Tensor,  # [L, R + P] the sequence's cached latent rows, new tokens included
+    kv_b_weight: torch.Tensor,  # [H * (D_nope + D_v), R]
+    num_heads: int,
+    qk_nope_head_dim: int,
+    v_head_dim: int,
+    scale: float,
+) -> torch.Tensor:
+    """Prefill (or a prefill chunk after a cached prefix) with decompressed K/V: returns `[Q, H, D_v]`.
+
+    Decompression costs one matmul over the context but keeps the attention at head width, which is
+    cheaper than the absorbed form once there are many queries per sequence.
+    """
+    num_q = q.shape[0]
+    length, width = context.shape
+    rope_dim = q.shape[-1] - qk_nope_head_dim
+    c_kv, k_pe = context.split([width - rope_dim, rope_dim], dim=-1)
+    kv = F.linear(c_kv, kv_b_weight).view(length, num_heads, qk_nope_head_dim + v_head_dim)
+    k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)
+    k = torch.cat([k_nope, k_pe[:, None, :].expand(length, num_heads, rope_dim)], dim=-1)
+    if num_q == length:
+        mask = None
+        causal = True
+    else:  # query i sits at context position length - num_q + i
+        rows = torch.arange(num_q, device=q.device)[:, None] + (length - num_q)
+        mask = torch.arange(length, device=q.device)[None, :] <= rows
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, is_causal=causal, scale=scale
+    )
+    return out.transpose(0, 1)  # [Q, H, D_v]

@@ -1,0 +1,75 @@
+"""The platform seam: everything device-specific that the engine and models need.
+
+A vendor adds a chip by subclassing `Platform` and overriding what its hardware does better:
+the hot ops (paged MLA decode, MLA prefill, MoE experts, RMSNorm, KV-cache writes), the KV-cache
+layout and allocation, memory queries, graph capture and the torch.distributed backend. Every
+default here is a correct reference, so a new platform works first and gets fast second. Prove a
+platform with `tests/platforms/test_conformance.py`, which checks its ops against the references.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from zizhu import ops
+
+
+class Platform:
+    name: str = "base"
+    device_type: str = "cpu"
+    distributed_backend: str = "gloo"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether this platform's device exists on this machine (used for auto-detection)."""
+        return False
+
+    # ------------------------------------------------------------------ device and memory
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.device_type)
+
+    def default_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        """The compute dtype when the user asks for "auto"."""
+        return checkpoint_dtype or torch.float32
+
+    def supported_dtypes(self) -> tuple[torch.dtype, ...]:
+        return (torch.float32, torch.bfloat16, torch.float16)
+
+    def supports_fp8_matmul(self) -> bool:
+        """False: FP8 checkpoints are dequantized at load to the compute dtype."""
+        return False
+
+    def available_memory(self) -> int:
+        """Bytes free for the KV cache after the weights are loaded."""
+        raise NotImplementedError
+
+    def configure(self) -> None:
+        """Process-wide settings (threads, allocator) applied once before the model loads."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work; a no-op for synchronous devices."""
+
+    # ------------------------------------------------------------------ KV cache layout
+    def allocate_kv_cache(
+        self, num_layers: int, num_blocks: int, block_size: int, width: int, dtype: torch.dtype
+    ) -> list[torch.Tensor]:
+        """One `[num_blocks, block_size, width]` tensor per layer (width = kv_lora_rank + rope dim)."""
+        return [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    # ------------------------------------------------------------------ hot ops
+    rms_norm = staticmethod(ops.rms_norm)
+    write_kv_cache = staticmethod(ops.write_kv_cache)
+    paged_mla_decode = staticmethod(ops.paged_mla_decode)
+    mla_prefill = staticmethod(ops.mla_prefill)
+    moe_experts = staticmethod(ops.moe_experts)
+
+    # ------------------------------------------------------------------ graphs
+    def capture_graph(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """Return a faster callable for a fixed-shape step (CUDA graphs, compiled kernels); default as is."""
+        return fn
+
+    def __repr__(self) -> str:
+        return f"<Platform {self.name} on {self.device}>"
