@@ -9,9 +9,9 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import ThreadedServer
-from fake_engine import FakeAsyncEngine
 
+from tests.server.fake_engine import FakeAsyncEngine, FakeTokenizer
+from tests.server.servers import ThreadedServer
 from zizhu.server.app import build_app
 from zizhu.server.serving import ServingConfig
 
@@ -257,8 +257,6 @@ def test_completions_echo_n_and_multiple_prompts(client):
 
 
 def test_completions_token_prompt_and_logprobs(client):
-    from fake_engine import FakeTokenizer
-
     ids = FakeTokenizer().encode("REPLY:hey")
     response = client.completions.create(model="scripted", prompt=ids, logprobs=2, max_tokens=2)
     choice = response.choices[0]

@@ -1,27 +1,11 @@
-"""Build a tiny random DeepSeek-V3 checkpoint with a real byte-level BPE tokenizer and a
-V3.1-style chat template, small enough to serve on CPU in a test."""
+"""A tiny random DeepSeek-V3 checkpoint (tests/configs/tiny_deepseek_v3.json, vocabulary widened)
+with a trained byte-level BPE tokenizer, DeepSeek's chat and tool markers and a V3.1-style chat
+template: small enough to serve on CPU in a test."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-# The spec's tiny_deepseek_v3.json (q_lora, noaux_tc group routing, one dense layer, YaRN), with a
-# vocabulary large enough for a trained BPE.
-TINY_V3_CONFIG = {
-    "model_type": "deepseek_v3",
-    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 16,
-    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
-    "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-    "n_routed_experts": 16, "n_shared_experts": 1, "num_experts_per_tok": 4, "first_k_dense_replace": 1,
-    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
-    "routed_scaling_factor": 2.5, "norm_topk_prob": True,
-    "max_position_embeddings": 640, "rope_theta": 10000,
-    "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 16, "beta_fast": 32,
-                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
-    "num_nextn_predict_layers": 1,
-    "rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False,
-}
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 # Chat and tool markers are ordinary (non-special) added tokens, as in DeepSeek's tokenizers, so
@@ -39,8 +23,7 @@ MARKERS = [
     "<｜tool▁output▁begin｜>",
     "<｜tool▁output▁end｜>",
 ]
-VOCAB_SIZE = TINY_V3_CONFIG["vocab_size"]
-LOGIT_SCALE = 20.0  # random heads give near-tied logits; scaling them keeps greedy decoding stable
+VOCAB_SIZE = 512  # room for a trained BPE plus the markers
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
@@ -119,19 +102,9 @@ def build_tokenizer(out_dir: Path) -> None:
 
 
 def build_model(out_dir: Path) -> None:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tests.checkpoints import build_hf_model, save_checkpoint
 
-    raw = dict(TINY_V3_CONFIG)
-    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(LOGIT_SCALE)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn_like(buffer) * 0.1)  # exercise the biased routing path
-    model.save_pretrained(out_dir)
+    save_checkpoint(build_hf_model("tiny_deepseek_v3", vocab_size=VOCAB_SIZE), out_dir)
 
 
 def build_tiny_checkpoint(out_dir: Path) -> Path:
