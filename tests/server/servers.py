@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 
 REPO = Path(__file__).resolve().parents[2]
+SERVED_NAMES = ["tiny", "other-name"]  # what the shared tiny_server answers to
 
 
 def free_port() -> int:

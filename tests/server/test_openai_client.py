@@ -8,18 +8,16 @@ import httpx
 import openai
 import pytest
 
-from tests.server.servers import start_server
+from tests.server.servers import SERVED_NAMES
 
-MODEL = "tiny"
+MODEL = SERVED_NAMES[0]
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the weather in Paris?"}]
 EXACT = {"ignore_eos": True}  # random weights may emit EOS anywhere; these tests want exact lengths
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    running = start_server(tiny_checkpoint, tmp_path_factory, "--served-model-name", MODEL, "other-name")
-    yield running
-    running.stop()
+def server(tiny_server):
+    return tiny_server
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +44,7 @@ def stream_chat(client, **kwargs) -> tuple[str | None, str, str, object]:
 
 
 def test_models(client):
-    assert [m.id for m in client.models.list().data] == [MODEL, "other-name"]
+    assert [m.id for m in client.models.list().data] == SERVED_NAMES
 
 
 def test_chat_usage_matches_the_tokenizer(client, tiny_tokenizer):
