@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
-
-RequestInt = Annotated[int, Field(strict=True)]
-
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -91,16 +88,16 @@ class SamplingFields(RequestModel):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: RequestInt | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    n: RequestInt = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
-    stop_token_ids: list[RequestInt] | None = None
-    seed: RequestInt | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
-    min_tokens: RequestInt = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
@@ -111,10 +108,10 @@ class SamplingFields(RequestModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageParam] = Field(min_length=1)
-    max_tokens: RequestInt | None = Field(None, ge=1)
-    max_completion_tokens: RequestInt | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: RequestInt | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -123,12 +120,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[RequestInt] | list[list[RequestInt]]
-    max_tokens: RequestInt | None = Field(16, ge=1)
-    logprobs: RequestInt | None = Field(None, ge=0, le=20)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
-    best_of: RequestInt | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1)
 
 
 # ---------------------------------------------------------------- responses

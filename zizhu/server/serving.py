@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -74,11 +75,10 @@ class ServingContext:
             raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
         return requested
 
-    async def open_streams(
-        self, requests: list[tuple[str, list[int], SamplingParams, str | None]]
-    ) -> list[AsyncIterator[RequestOutput]]:
+    async def start(self, endpoint: str, requests: list[tuple[str, list[int], SamplingParams, str | None]]) -> Generation:
         """Submit every prompt and wait for its first output, so that refusals (queue full, prompt too
         long) become an HTTP status before any response byte is sent."""
+        tracker = self.metrics.track(endpoint)
         opened: list[AsyncIterator[RequestOutput]] = []
         try:
             for request_id, token_ids, params, prompt in requests:
@@ -93,7 +93,46 @@ class ServingContext:
             for stream in opened:
                 await stream.aclose()
             raise
-        return opened
+        return Generation(opened, tracker)
+
+
+@dataclass
+class ResponseHeader:
+    """The fields every response and chunk of one request repeats."""
+
+    id: str
+    created: int
+    model: str
+
+
+class Generation:
+    """The engine streams of one HTTP request: merged, timed for metrics, summed for usage."""
+
+    def __init__(self, streams: list[AsyncIterator[RequestOutput]], tracker: RequestTracker):
+        self._streams = streams
+        self._tracker = tracker
+        self.finals: list[RequestOutput | None] = [None] * len(streams)  # latest output per stream
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(stream index, cumulative output) as they come; closing this aborts unfinished requests."""
+        seen = [0] * len(self._streams)
+        try:
+            async with contextlib.aclosing(merge_streams(self._streams)) as merged:
+                async for index, output in merged:
+                    total = sum(len(o.token_ids) for o in output.outputs)
+                    self._tracker.on_tokens(total - seen[index])
+                    seen[index], self.finals[index] = total, output
+                    yield index, output
+        finally:
+            usage = self.usage()
+            reasons = [o.finish_reason for final in self.finals if final is not None for o in final.outputs]
+            self._tracker.on_finish(usage.prompt_tokens, usage.completion_tokens, reasons)
+
+    def usage(self) -> Usage:
+        done = [f for f in self.finals if f is not None]
+        prompt_tokens = sum(len(f.prompt_token_ids) for f in done)
+        completion_tokens = sum(len(o.token_ids) for f in done for o in f.outputs)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
 async def _prepend(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
@@ -176,21 +215,6 @@ def new_positions(output: CompletionOutput, seen: int) -> list[tuple[int, Positi
     if output.logprobs is None:
         return [(t, None) for t in token_ids]
     return list(zip(token_ids, output.logprobs[seen : seen + len(token_ids)]))
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-    )
-
-
-def record_finish(tracker: RequestTracker, finals: list[RequestOutput | None]) -> None:
-    outputs = [o for final in finals if final is not None for o in final.outputs]
-    tracker.on_finish(
-        prompt_tokens=sum(len(f.prompt_token_ids) for f in finals if f is not None),
-        completion_tokens=sum(len(o.token_ids) for o in outputs),
-        finish_reasons=[o.finish_reason for o in outputs],
-    )
 
 
 async def sse(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:

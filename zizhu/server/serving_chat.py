@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from zizhu.errors import ConfigError, InvalidRequestError
-from zizhu.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from zizhu.outputs import CompletionOutput, PositionLogprobs
 from zizhu.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -25,15 +26,7 @@ from zizhu.server.protocol import (
     random_id,
 )
 from zizhu.server.reasoning import ReasoningParser, prompt_opens_thinking
-from zizhu.server.serving import (
-    APIError,
-    ServingContext,
-    merge_streams,
-    new_positions,
-    record_finish,
-    sampling_params,
-    usage,
-)
+from zizhu.server.serving import Generation, ResponseHeader, ServingContext, new_positions, sampling_params
 from zizhu.server.tool_calls import ToolCall, ToolCallParser
 
 
@@ -178,10 +171,9 @@ class ChatHandler:
         max_tokens = request.max_completion_tokens or request.max_tokens
         params = sampling_params(request, max_tokens, top_logprobs)
         request_id = random_id("chatcmpl")
-        tracker = self.ctx.metrics.track("chat")
-        (stream,) = await self.ctx.open_streams([(request_id, prompt_ids, params, prompt)])
+        generation = await self.ctx.start("chat", [(request_id, prompt_ids, params, prompt)])
 
-        parse_tools = bool(request.tools) and request.tool_choice != "none" and self.ctx.config.tool_call_format
+        parse_tools = bool(request.tools and request.tool_choice != "none" and self.ctx.config.tool_call_format)
         opened_thinking = prompt_opens_thinking(prompt)
         choices = [
             ChoiceState(
@@ -192,57 +184,41 @@ class ChatHandler:
             )
             for i in range(request.n)
         ]
-        meta = (request_id, now(), model)
+        header = ResponseHeader(request_id, now(), model)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return self._stream(meta, stream, choices, tracker, include_usage)
-        return await self._complete(meta, stream, choices, tracker)
+            return self._stream(header, generation, choices, include_usage)
+        return await self._complete(header, generation, choices)
 
-    async def _complete(self, meta, stream, choices: list[ChoiceState], tracker) -> ChatCompletionResponse:
-        request_id, created, model = meta
-        final: RequestOutput | None = None
-        tokens_seen = 0
-        async for _, output in merge_streams([stream]):
-            total = sum(len(o.token_ids) for o in output.outputs)
-            tracker.on_tokens(total - tokens_seen)
-            tokens_seen, final = total, output
-        record_finish(tracker, [final])
+    async def _complete(self, header: ResponseHeader, generation: Generation, choices: list[ChoiceState]) -> ChatCompletionResponse:
+        async with aclosing(generation.outputs()) as outputs:
+            async for _ in outputs:
+                pass
+        (final,) = generation.finals
         response_choices = []
         for o in final.outputs:
             state = choices[o.index]
             _, _, finish_reason = state.update(o)
-            response_choices.append(
-                ChatChoice(
-                    index=o.index,
-                    message=state.message(),
-                    logprobs=ChatLogprobs(content=state.logprobs) if state.top_logprobs is not None else None,
-                    finish_reason=finish_reason,
-                )
-            )
-        completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+            logprobs = ChatLogprobs(content=state.logprobs) if state.top_logprobs is not None else None
+            response_choices.append(ChatChoice(index=o.index, message=state.message(), logprobs=logprobs, finish_reason=finish_reason))
         return ChatCompletionResponse(
-            id=request_id,
-            created=created,
-            model=model,
+            id=header.id,
+            created=header.created,
+            model=header.model,
             choices=sorted(response_choices, key=lambda c: c.index),
-            usage=usage(len(final.prompt_token_ids), completion_tokens),
+            usage=generation.usage(),
         )
 
-    async def _stream(self, meta, stream, choices: list[ChoiceState], tracker, include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
-        request_id, created, model = meta
+    async def _stream(
+        self, header: ResponseHeader, generation: Generation, choices: list[ChoiceState], include_usage: bool
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        def chunk(choice_list: list[ChatChunkChoice], usage=None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=header.id, created=header.created, model=header.model, choices=choice_list, usage=usage)
 
-        def chunk(choice_list, usage_=None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=request_id, created=created, model=model, choices=choice_list, usage=usage_)
-
-        final: RequestOutput | None = None
-        tokens_seen = 0
-        try:
-            for state in choices:
-                yield chunk([ChatChunkChoice(index=state.index, delta=DeltaMessage(role="assistant", content=""))])
-            async for _, output in merge_streams([stream]):
-                total = sum(len(o.token_ids) for o in output.outputs)
-                tracker.on_tokens(total - tokens_seen)
-                tokens_seen, final = total, output
+        for state in choices:
+            yield chunk([ChatChunkChoice(index=state.index, delta=DeltaMessage(role="assistant", content=""))])
+        async with aclosing(generation.outputs()) as outputs:
+            async for _, output in outputs:
                 for o in output.outputs:
                     state = choices[o.index]
                     if state.finished:
@@ -253,8 +229,5 @@ class ChatHandler:
                         yield chunk([ChatChunkChoice(index=o.index, delta=delta, logprobs=logprob_field)])
                     if finish_reason is not None:
                         yield chunk([ChatChunkChoice(index=o.index, delta=DeltaMessage(), finish_reason=finish_reason)])
-            if include_usage and final is not None:
-                completion_tokens = sum(len(o.token_ids) for o in final.outputs)
-                yield chunk([], usage(len(final.prompt_token_ids), completion_tokens))
-        finally:
-            record_finish(tracker, [final])
+        if include_usage:
+            yield chunk([], generation.usage())

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from zizhu.errors import InvalidRequestError
-from zizhu.outputs import CompletionOutput, RequestOutput
+from zizhu.outputs import CompletionOutput
 from zizhu.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, now, random_id
-from zizhu.server.serving import ServingContext, merge_streams, new_positions, record_finish, sampling_params, usage
+from zizhu.server.serving import Generation, ResponseHeader, ServingContext, new_positions, sampling_params
 
 
 class CompletionChoiceState:
@@ -87,69 +88,50 @@ class CompletionHandler:
         prompts = self._prompts(request)
         params = sampling_params(request, request.max_tokens, request.logprobs)
         request_id = random_id("cmpl")
-        tracker = self.ctx.metrics.track("completions")
-        streams = await self.ctx.open_streams(
-            [(f"{request_id}-{i}", ids, params, text) for i, (ids, text) in enumerate(prompts)]
+        generation = await self.ctx.start(
+            "completions", [(f"{request_id}-{i}", ids, params, text) for i, (ids, text) in enumerate(prompts)]
         )
         states = {
             (p, i): CompletionChoiceState(p * request.n + i, self._echo(request, ids, text), request.logprobs)
             for p, (ids, text) in enumerate(prompts)
             for i in range(request.n)
         }
-        meta = (request_id, now(), model)
+        header = ResponseHeader(request_id, now(), model)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return self._stream(meta, streams, states, tracker, include_usage)
-        return await self._complete(meta, streams, states, tracker)
+            return self._stream(header, generation, states, include_usage)
+        return await self._complete(header, generation, states)
 
-    async def _complete(self, meta, streams, states, tracker) -> CompletionResponse:
-        request_id, created, model = meta
-        finals: list[RequestOutput | None] = [None] * len(streams)
-        tokens_seen = [0] * len(streams)
-        async for p, output in merge_streams(streams):
-            total = sum(len(o.token_ids) for o in output.outputs)
-            tracker.on_tokens(total - tokens_seen[p])
-            tokens_seen[p], finals[p] = total, output
-        record_finish(tracker, finals)
+    async def _complete(self, header: ResponseHeader, generation: Generation, states) -> CompletionResponse:
+        async with aclosing(generation.outputs()) as outputs:
+            async for _ in outputs:
+                pass
         choices = []
-        for p, final in enumerate(finals):
+        for p, final in enumerate(generation.finals):
             for o in final.outputs:
-                text, logprobs, finish_reason = states[p, o.index].update(o)
-                choices.append(CompletionChoice(index=states[p, o.index].index, text=text, logprobs=logprobs, finish_reason=finish_reason))
+                state = states[p, o.index]
+                text, logprobs, finish_reason = state.update(o)
+                choices.append(CompletionChoice(index=state.index, text=text, logprobs=logprobs, finish_reason=finish_reason))
         return CompletionResponse(
-            id=request_id,
-            created=created,
-            model=model,
+            id=header.id,
+            created=header.created,
+            model=header.model,
             choices=sorted(choices, key=lambda c: c.index),
-            usage=_usage(finals),
+            usage=generation.usage(),
         )
 
-    async def _stream(self, meta, streams, states, tracker, include_usage: bool) -> AsyncIterator[CompletionResponse]:
-        request_id, created, model = meta
-        finals: list[RequestOutput | None] = [None] * len(streams)
-        tokens_seen = [0] * len(streams)
-        try:
-            async for p, output in merge_streams(streams):
-                total = sum(len(o.token_ids) for o in output.outputs)
-                tracker.on_tokens(total - tokens_seen[p])
-                tokens_seen[p], finals[p] = total, output
+    async def _stream(self, header: ResponseHeader, generation: Generation, states, include_usage: bool) -> AsyncIterator[CompletionResponse]:
+        def chunk(choices: list[CompletionChoice], usage=None) -> CompletionResponse:
+            return CompletionResponse(id=header.id, created=header.created, model=header.model, choices=choices, usage=usage)
+
+        async with aclosing(generation.outputs()) as outputs:
+            async for p, output in outputs:
                 for o in output.outputs:
                     state = states[p, o.index]
                     if state.finished:
                         continue
                     text, logprobs, finish_reason = state.update(o)
                     if text or (logprobs is not None and logprobs.tokens) or finish_reason is not None:
-                        choice = CompletionChoice(index=state.index, text=text, logprobs=logprobs, finish_reason=finish_reason)
-                        yield CompletionResponse(id=request_id, created=created, model=model, choices=[choice])
-            if include_usage:
-                yield CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=_usage(finals))
-        finally:
-            record_finish(tracker, finals)
-
-
-def _usage(finals: list[RequestOutput | None]):
-    done = [f for f in finals if f is not None]
-    return usage(
-        sum(len(f.prompt_token_ids) for f in done),
-        sum(len(o.token_ids) for f in done for o in f.outputs),
-    )
+                        yield chunk([CompletionChoice(index=state.index, text=text, logprobs=logprobs, finish_reason=finish_reason)])
+        if include_usage:
+            yield chunk([], generation.usage())
