@@ -37,6 +37,12 @@ def engine_gauges(server) -> dict[str, float]:
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith(wanted)}
 
 
+def aborted_requests(server) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    prefix = 'zizhu_requests_total{endpoint="completions",finish_reason="abort"} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def wait_until_idle(server, timeout: float = 30) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
@@ -144,6 +150,12 @@ def test_burst_of_aborted_streams_frees_every_block(server):
         asyncio.run(burst())
         gauges = wait_until_idle(server)
         assert gauges["zizhu_kv_cache_blocks_used"] == 0, gauges
+    aborted_before = aborted_requests(server)
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is aborted too
+        httpx.post(server.url + "/v1/completions", json=LONG, headers=AUTH, timeout=0.5)
+    gauges = wait_until_idle(server)
+    assert gauges["zizhu_kv_cache_blocks_used"] == 0, gauges
+    assert aborted_requests(server) == aborted_before + 1
     body = {"prompt": "after the burst", "max_tokens": 3, "ignore_eos": True}
     response = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH)
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
