@@ -1,0 +1,112 @@
+"""Conformance: a platform's hot ops must match the reference ops in zizhu.ops.
+
+A vendor runs this file with ZIZHU_PLATFORM=<name> to prove a new platform; by default it checks
+the selected platform (CPU here), and it always checks the seam itself: selection and plugins.
+"""
+
+import pytest
+import torch
+
+from zizhu import ops
+from zizhu.errors import ConfigError
+from zizhu.platforms import Platform, get_platform
+
+
+@pytest.fixture(scope="module")
+def platform() -> Platform:
+    return get_platform()
+
+
+def _tolerance(dtype):
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_mla_decode(platform, dtype):
+    g = torch.Generator().manual_seed(0)
+    heads, rank, rope, bs = 4, 32, 8, 4
+    cache = torch.randn(12, bs, rank + rope, generator=g).to(dtype).to(platform.device)
+    tables = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 11]], device=platform.device)
+    seq_lens = torch.tensor([9, 16], device=platform.device)
+    q = torch.randn(2, heads, rank + rope, generator=g).to(dtype).to(platform.device)
+    got = platform.paged_mla_decode(q, cache, tables, seq_lens, rank, 0.3)
+    want = ops.paged_mla_decode(q.cpu(), cache.cpu(), tables.cpu(), seq_lens.cpu(), rank, 0.3)
+    torch.testing.assert_close(got.cpu().float(), want.float(), **_tolerance(dtype))
+    # explicit formula for one sequence, independent of the reference's batching
+    ctx = cache.cpu()[tables.cpu()[0]].reshape(-1, rank + rope)[:9].float()
+    p = torch.softmax(q.cpu()[0].float() @ ctx.T * 0.3, dim=-1)
+    torch.testing.assert_close(got.cpu()[0].float(), p @ ctx[:, :rank], **_tolerance(dtype))
+
+
+def test_mla_prefill_with_cached_prefix(platform):
+    g = torch.Generator().manual_seed(1)
+    heads, nope, rope, v, rank = 4, 16, 8, 16, 32
+    context = torch.randn(10, rank + rope, generator=g)
+    kv_b = torch.randn(heads * (nope + v), rank, generator=g) * 0.2
+    q = torch.randn(3, heads, nope + rope, generator=g)  # the last 3 positions of a 10-token context
+    got = platform.mla_prefill(q.to(platform.device), context.to(platform.device), kv_b.to(platform.device), heads, nope, v, 0.25)
+    kv = (context[:, :rank] @ kv_b.T).view(10, heads, nope + v)
+    k = torch.cat([kv[..., :nope], context[:, None, rank:].expand(10, heads, rope)], dim=-1)
+    for i in range(3):
+        pos = 7 + i
+        s = torch.einsum("hd,lhd->hl", q[i], k[: pos + 1]) * 0.25
+        want = torch.einsum("hl,lhv->hv", torch.softmax(s, dim=-1), kv[: pos + 1, :, nope:])
+        torch.testing.assert_close(got[i].cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_experts(platform):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 16, generator=g)
+    w13 = torch.randn(5, 2 * 8, 16, generator=g) * 0.3
+    w2 = torch.randn(5, 16, 8, generator=g) * 0.3
+    ids = torch.randint(0, 5, (7, 2), generator=g)
+    ids[:, 1] = (ids[:, 0] + 1) % 5
+    weights = torch.rand(7, 2, generator=g)
+    got = platform.moe_experts(x, ids, weights, w13, w2)
+    want = torch.zeros_like(x)
+    for t in range(7):
+        for j in range(2):
+            gate, up = (w13[ids[t, j]] @ x[t]).chunk(2)
+            want[t] += weights[t, j] * (w2[ids[t, j]] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_and_cache_write(platform):
+    x = torch.randn(3, 8)
+    w = torch.rand(8)
+    want = w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(platform.rms_norm(x, w, 1e-6).cpu(), want)
+    cache = platform.allocate_kv_cache(1, 4, 2, 8, torch.float32)[0]
+    platform.write_kv_cache(cache, torch.tensor([5, 0]), x[:2])
+    torch.testing.assert_close(cache[2, 1].cpu(), x[0])
+    torch.testing.assert_close(cache[0, 0].cpu(), x[1])
+
+
+def test_platform_selection(monkeypatch):
+    monkeypatch.setenv("ZIZHU_PLATFORM", "cpu")
+    assert get_platform().name == "cpu"
+    with pytest.raises(ConfigError, match="unknown platform"):
+        get_platform("quantum-abacus")
+
+
+def test_plugin_platform_from_entry_points(monkeypatch):
+    """A third-party platform registered under `zizhu.platforms` is found and preferred when available."""
+    import zizhu.platforms as platforms
+
+    class FakeChip(Platform):
+        name = "fakechip"
+
+        @classmethod
+        def is_available(cls):
+            return True
+
+    class EntryPoint:
+        name = "fakechip"
+
+        def load(self):
+            return FakeChip
+
+    monkeypatch.delenv("ZIZHU_PLATFORM", raising=False)
+    monkeypatch.setattr(platforms, "entry_points", lambda group: [EntryPoint()] if group == "zizhu.platforms" else [])
+    assert isinstance(get_platform(), FakeChip)
+    assert "fakechip" in platforms.available_platforms()
