@@ -50,9 +50,10 @@ class APIKeyMiddleware:
     A plain ASGI middleware, so it answers before the body is parsed and never wraps the stream.
     """
 
-    def __init__(self, app, api_key: str):
+    def __init__(self, app, api_key: str, on_reject=None):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.on_reject = on_reject
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1"):
@@ -60,6 +61,8 @@ class APIKeyMiddleware:
             given = headers.get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
                 message = "Missing API key." if not given else "Incorrect API key provided."
+                if self.on_reject is not None:
+                    self.on_reject()
                 response = error_response(401, message, "invalid_request_error", code="invalid_api_key")
                 await response(scope, receive, send)
                 return
@@ -101,7 +104,7 @@ def build_app(async_engine, config: ServingConfig, api_key: str | None = None) -
     chat, completions = ChatHandler(ctx), CompletionHandler(ctx)
     app.state.serving = ctx
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, on_reject=metrics.errors.labels("401").inc)
 
     def failed(status: int, message: str, type: str, param: str | None = None, code: str | None = None) -> JSONResponse:
         metrics.errors.labels(str(status)).inc()
