@@ -134,7 +134,7 @@ def build_engine(args: argparse.Namespace):
     model = resolve_model(args.model)
     from zizhu.engine.llm_engine import LLMEngine
 
-    return LLMEngine.from_model(
+    engine = LLMEngine.from_model(
         model,
         dtype=args.dtype,
         platform=args.platform,
@@ -145,6 +145,9 @@ def build_engine(args: argparse.Namespace):
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
     )
+    if engine.tokenizer is None:
+        raise CLIError(f"{model} has no tokenizer.json; zizhu needs the checkpoint's tokenizer to take text")
+    return engine
 
 
 def _sampling(args: argparse.Namespace):
