@@ -112,10 +112,15 @@ def test_plugin_platform_from_entry_points(monkeypatch):
     assert "fakechip" in platforms.available_platforms()
 
 
-def test_int8_linear(platform):
+@pytest.mark.parametrize("rows,k", [(1, 24), (5, 27), (11, 64), (40, 33)])
+def test_int8_linear(platform, rows, k):
+    """Odd widths and row counts cover the vector tails and the row tiling of native kernels."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 24, generator=g)
-    q = torch.randint(-127, 128, (12, 24), generator=g, dtype=torch.int8)
+    x = torch.randn(rows, k, generator=g)
+    q = torch.randint(-127, 128, (12, k), generator=g, dtype=torch.int8)
     scale = torch.rand(12, generator=g) * 0.01
     want = x @ (q.float() * scale[:, None]).T
     torch.testing.assert_close(platform.int8_linear(x, q, scale).cpu(), want, atol=1e-5, rtol=1e-4)
+    # a strided view of the activations, as a split of a wider projection produces
+    wide = torch.randn(rows, 2 * k, generator=g)
+    torch.testing.assert_close(platform.int8_linear(wide[:, :k], q, scale).cpu(), wide[:, :k] @ (q.float() * scale[:, None]).T, atol=1e-5, rtol=1e-4)
