@@ -25,7 +25,7 @@ def _linear(in_features: int, out_features: int, dtype: torch.dtype, bias: bool 
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype, rotary: RotaryEmbedding):
         super().__init__()
         self.platform = platform
         self.num_heads = cfg.num_attention_heads
@@ -45,7 +45,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, platform, dtype)
         self.kv_b_proj = _linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), dtype)
         self.o_proj = _linear(self.num_heads * self.v_dim, cfg.hidden_size, dtype, cfg.attention_bias)
-        self.rotary = RotaryEmbedding(cfg.rope, self.rope_dim)
+        self.rotary = rotary  # shared by all layers: cos/sin are computed once per step
         self.w_uk: torch.Tensor | None = None  # [H, nope, R] fp32, derived from kv_b_proj after loading
         self.w_uv: torch.Tensor | None = None  # [H, v, R] fp32
 
