@@ -11,6 +11,10 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+/* Bytes ahead to prefetch: the hardware prefetcher alone left single-core DRAM streaming at about
+ * a third of what the same loop reaches with this hint. */
+#define PREFETCH 1024
+
 static inline float hsum(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
@@ -26,6 +30,7 @@ static float dot_row(const float* x, const int8_t* w, int64_t K) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
+        _mm_prefetch((const char*)(w + k + PREFETCH), _MM_HINT_T0);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), widen8(w + k), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), widen8(w + k + 8), a1);
         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), widen8(w + k + 16), a2);
@@ -43,6 +48,10 @@ static void tile_4x2(const float* x, int64_t xs, const int8_t* w0, const int8_t*
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
+        if ((k & 63) == 0) {
+            _mm_prefetch((const char*)(w0 + k + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char*)(w1 + k + PREFETCH), _MM_HINT_T0);
+        }
         const __m256 v0 = widen8(w0 + k), v1 = widen8(w1 + k);
         __m256 xv = _mm256_loadu_ps(x + k);
         c00 = _mm256_fmadd_ps(xv, v0, c00); c01 = _mm256_fmadd_ps(xv, v1, c01);
