@@ -56,4 +56,7 @@ class CpuPlatform(Platform):
         return ops.int8_linear(x, qweight, scale)
 
     def moe_experts(self, x, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
+        lib = cpu_kernels.load()
+        if lib is not None and w13_scale is not None and x.dtype == torch.float32 and w13_scale.dtype == torch.float32:
+            return cpu_kernels.int8_moe(lib, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale)
         return ops.moe_experts(x, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale, int8_matmul=self.int8_linear)

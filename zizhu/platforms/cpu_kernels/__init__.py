@@ -44,7 +44,7 @@ def load() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+            result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
             if result.returncode != 0:
                 logger.info("native int8 kernel not built (%s): using reference int8 matmul", result.stderr.strip()[:200])
                 return None
@@ -52,6 +52,8 @@ def load() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     lib.int8_gemm_f32.restype = None
     lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.int8_moe_f32.restype = None
+    lib.int8_moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     return lib
 
 
@@ -68,3 +70,29 @@ def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale:
         x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads(),
     )
     return y.view(*shape[:-1], n)
+
+
+def int8_moe(
+    lib: ctypes.CDLL,
+    x: torch.Tensor,  # [T, D] fp32
+    topk_ids: torch.Tensor,  # [T, K]
+    topk_weights: torch.Tensor,  # [T, K]
+    w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+) -> torch.Tensor:
+    """All routed experts of a layer in one native call; tokens are grouped by expert first."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts, two_inter, hidden = w13.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // top_k
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(flat, minlength=num_experts), 0, out=offsets[1:])
+    xs = x.index_select(0, token_of).contiguous()
+    ys = torch.empty_like(xs)
+    h = torch.empty(xs.shape[0], two_inter, dtype=torch.float32)
+    lib.int8_moe_f32(
+        xs.data_ptr(), ys.data_ptr(), h.data_ptr(), offsets.data_ptr(), num_experts,
+        w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(), hidden, two_inter // 2, torch.get_num_threads(),
+    )
+    ys.mul_(topk_weights.reshape(-1)[order].to(torch.float32)[:, None])
+    return torch.zeros_like(x).index_add_(0, token_of, ys)

@@ -9,6 +9,8 @@
  * torch already loaded, so both share one thread pool.
  */
 #include <immintrin.h>
+#include <math.h>
+#include <omp.h>
 #include <stdint.h>
 
 /* Bytes ahead to prefetch: the hardware prefetcher alone left single-core DRAM streaming at about
@@ -71,28 +73,64 @@ static void tile_4x2(const float* x, int64_t xs, const int8_t* w0, const int8_t*
         }
 }
 
-void int8_gemm_f32(const float* x, const int8_t* w, const float* scale, float* y,
-                   int64_t M, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride, int threads) {
+/* Output columns [n_begin, n_end) of y = x @ (w * scale)^T, one thread's share. */
+static void gemm_cols(const float* x, const int8_t* w, const float* scale, float* y,
+                      int64_t M, int64_t K, int64_t xs, int64_t ys, int64_t n_begin, int64_t n_end) {
     const int64_t m4 = M & ~(int64_t)3;
-    const int64_t pairs = (N + 1) / 2;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < pairs; p++) {
-        const int64_t n0 = 2 * p;
-        const int both = n0 + 1 < N;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += 2) {
+        const int both = n0 + 1 < n_end;
         const int8_t* w0 = w + n0 * K;
         const int8_t* w1 = both ? w0 + K : w0;
         for (int64_t m = 0; m < m4; m += 4) {
             float out[4][2];
-            tile_4x2(x + m * x_stride, x_stride, w0, w1, K, out);
+            tile_4x2(x + m * xs, xs, w0, w1, K, out);
             for (int i = 0; i < 4; i++) {
-                y[(m + i) * y_stride + n0] = out[i][0] * scale[n0];
-                if (both) y[(m + i) * y_stride + n0 + 1] = out[i][1] * scale[n0 + 1];
+                y[(m + i) * ys + n0] = out[i][0] * scale[n0];
+                if (both) y[(m + i) * ys + n0 + 1] = out[i][1] * scale[n0 + 1];
             }
         }
         for (int64_t m = m4; m < M; m++) {
-            const float* xr = x + m * x_stride;
-            y[m * y_stride + n0] = dot_row(xr, w0, K) * scale[n0];
-            if (both) y[m * y_stride + n0 + 1] = dot_row(xr, w1, K) * scale[n0 + 1];
+            const float* xr = x + m * xs;
+            y[m * ys + n0] = dot_row(xr, w0, K) * scale[n0];
+            if (both) y[m * ys + n0 + 1] = dot_row(xr, w1, K) * scale[n0 + 1];
         }
+    }
+}
+
+/* Split N into per-thread ranges of whole column pairs. */
+#define PARALLEL_COLS(N, BODY)                                              \
+    _Pragma("omp parallel num_threads(threads)") {                          \
+        const int64_t pairs = ((N) + 1) / 2;                                \
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();     \
+        const int64_t begin = 2 * (pairs * t / nt), end = 2 * (pairs * (t + 1) / nt); \
+        const int64_t n_begin = begin, n_end = end < (N) ? end : (N);       \
+        BODY;                                                               \
+    }
+
+void int8_gemm_f32(const float* x, const int8_t* w, const float* scale, float* y,
+                   int64_t M, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride, int threads) {
+    PARALLEL_COLS(N, gemm_cols(x, w, scale, y, M, K, x_stride, y_stride, n_begin, n_end))
+}
+
+/* Routed experts in one call. Rows of `xs` [P, D] are (token, expert) pairs sorted by expert;
+ * expert e owns rows offsets[e] .. offsets[e + 1]. For each expert: h = xs @ w13[e]^T (gate | up),
+ * a = silu(gate) * up, ys = a @ w2[e]^T. `h` is scratch of [P, 2I]. */
+void int8_moe_f32(const float* xs, float* ys, float* h, const int64_t* offsets, int64_t E,
+                  const int8_t* w13, const float* s13, const int8_t* w2, const float* s2,
+                  int64_t D, int64_t I, int threads) {
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t p0 = offsets[e], count = offsets[e + 1] - p0;
+        if (count == 0) continue;
+        const float* x = xs + p0 * D;
+        float* he = h + p0 * 2 * I;
+        PARALLEL_COLS(2 * I, gemm_cols(x, w13 + e * 2 * I * D, s13 + e * 2 * I, he, count, D, D, 2 * I, n_begin, n_end))
+        for (int64_t r = 0; r < count; r++) {
+            float* row = he + r * 2 * I;
+            for (int64_t i = 0; i < I; i++) {
+                const float g = row[i];
+                row[i] = g / (1.0f + expf(-g)) * row[I + i];
+            }
+        }
+        PARALLEL_COLS(D, gemm_cols(he, w2 + e * D * I, s2 + e * D, ys + p0 * D, count, I, 2 * I, D, n_begin, n_end))
     }
 }
