@@ -54,6 +54,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step (prefill chunks + decodes)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     group.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prompt prefixes")
+    group.add_argument("--quantization", choices=["int8"], help="quantize linear and expert weights at load (int8: weight-only)")
     group.add_argument("--platform", help="device platform (default: detected; see ZIZHU_PLATFORM)")
     group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -126,7 +127,10 @@ def resolve_model(model: str | None) -> str:
             "pass a checkpoint directory or a Hugging Face model id"
         ) from exc
     if not Path(DEMO_MODEL_DIR).is_dir():
-        raise CLIError(f"the bundled demo model is missing from {DEMO_MODEL_DIR}; reinstall zizhu or pass a MODEL")
+        raise CLIError(
+            f"no demo model in {DEMO_MODEL_DIR}: pass a MODEL, or train one with "
+            f"python -m zizhu.demo.train --out {DEMO_MODEL_DIR}"
+        )
     return str(DEMO_MODEL_DIR)
 
 
@@ -144,6 +148,7 @@ def build_engine(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
+        quantization=args.quantization,
     )
     if engine.tokenizer is None:
         raise CLIError(f"{model} has no tokenizer.json; zizhu needs the checkpoint's tokenizer to take text")

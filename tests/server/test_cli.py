@@ -42,3 +42,9 @@ def test_chat_session(tiny_checkpoint, monkeypatch, capsys):
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert out.count(">>> ") == 4
+
+
+def test_generate_int8(tiny_checkpoint, capsys):
+    args = ["generate", str(tiny_checkpoint), "The weather", "--max-tokens", "4", "--temperature", "0", "--quantization", "int8"]
+    assert cli.main([*args, "--log-level", "warning"]) == 0
+    assert capsys.readouterr().out.strip()
