@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks import checkpoints, report, roofline
 from benchmarks.model_math import MLAShape, kv_bytes_expanded_padded, kv_bytes_latent
-from benchmarks.procs import run_tracked
+from benchmarks.procs import run_tracked, wait_for_idle
 from benchmarks.workload import EngineResult, Workload, parse_result
 
 log = logging.getLogger("benchmarks.compare")
@@ -97,7 +97,7 @@ def installed(engine: Engine) -> bool:
 
 
 def run_variant(engine: Engine, variant: str, ckpt: Path, workload: Workload, config: dict,
-                log_dir: Path) -> EngineResult:
+                log_dir: Path, wait_idle_s: float = 0.0) -> EngineResult:
     cmd = [str(engine.python()), "-m", engine.module, "--checkpoint", str(ckpt), "--variant", variant,
            "--workload", workload.to_json()]
     env = engine_env(engine, config, workload)
@@ -108,6 +108,9 @@ def run_variant(engine: Engine, variant: str, ckpt: Path, workload: Workload, co
             return EngineResult(engine.name, variant, status="failed",
                                 notes=[f"preparation failed (exit {prep.returncode}), see "
                                        f"{log_dir.name}/{engine.name}-{variant}-prepare.log"])
+    if wait_idle_s:
+        other = wait_for_idle(wait_idle_s)
+        log.info("other processes use %.2f cores", other)
     log.info("running %s %s", engine.name, variant)
     load_before = load_average()
     done = run_tracked(cmd, env, ROOT, log_dir / f"{engine.name}-{variant}.log", engine.timeout_s)
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="32 output tokens, one repetition, shorter limits")
     parser.add_argument("--concurrency", help="override the concurrency levels, e.g. 8,32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each engine, wait up to this long for other processes to go quiet")
     parser.add_argument("--reuse", type=Path,
                         help="an earlier run's JSON: engine variants not selected here are taken from it (marked so)")
     parser.add_argument("--max-case-seconds", type=float,
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                 log.warning("%s: %s", engine.name, status)
                 run["results"].append(EngineResult(engine.name, variant, status=status).to_dict())
                 continue
-            result = run_variant(engine, variant, ckpt, workload, config, log_dir)
+            result = run_variant(engine, variant, ckpt, workload, config, log_dir, args.wait_idle)
             run["results"].append(result.to_dict())
             write_run(run, stem)  # keep what is measured so far if a later engine hangs
     if args.reuse:

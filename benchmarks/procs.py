@@ -66,6 +66,20 @@ def busy_cpu_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_for_idle(limit_s: float, max_other_cores: float = 0.2, window_s: float = 5.0) -> float:
+    """Wait (at most `limit_s`) until other processes use under `max_other_cores` over a window.
+
+    Returns the other load seen in the last window, in cores.
+    """
+    deadline = time.monotonic() + limit_s
+    while True:
+        busy0 = busy_cpu_seconds()
+        time.sleep(window_s)
+        other = (busy_cpu_seconds() - busy0) / window_s
+        if other < max_other_cores or time.monotonic() >= deadline:
+            return other
+
+
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
