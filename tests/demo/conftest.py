@@ -9,7 +9,7 @@ import pytest
 
 from zizhu.demo import DEMO_MODEL_DIR
 
-NEEDS_SHIPPED_MODEL = {"test_accuracy.py", "test_checkpoint.py", "test_tokenizer.py"}
+NEEDS_SHIPPED_MODEL = {"test_accuracy.py", "test_checkpoint.py", "test_tokenizer.py", "test_serve.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,3 @@
-import itertools
 import random
 import re
 
@@ -8,10 +7,21 @@ from zizhu.demo import tasks
 
 
 def test_training_stream_is_deterministic_and_never_held_out():
-    first = list(itertools.islice(tasks.training_stream(7), 3000))
-    assert first == list(itertools.islice(tasks.training_stream(7), 3000))
+    first = tasks.TrainingStream(7).take(3000)
+    assert first == tasks.TrainingStream(7).take(3000)
     assert not any(tasks.is_held_out(p.family, p.key) for p in first)
     assert {p.family for p in first} == set(tasks.FAMILIES)
+
+
+def test_levels_bound_problem_size():
+    small = tasks.TrainingStream(1).take(600, level=1)
+    for p in small:
+        if p.family in ("add", "sub", "mul"):
+            assert all(len(n) == 1 for n in p.key.split(","))
+        elif p.family in ("reverse", "count"):
+            assert len(p.key.split(",")[-1]) <= 2
+        else:
+            assert all(int(v) < 10 for v in p.key.split(", "))
 
 
 def test_held_out_set_is_balanced_unique_and_held_out():

@@ -2,6 +2,7 @@
 
     python -m zizhu.demo.evaluate                      # the shipped model, 1,000 problems, zizhu engine
     python -m zizhu.demo.evaluate --backend hf         # the same through transformers
+                                                       # (auto, the default: zizhu when its engine is installed)
     python -m zizhu.demo.evaluate --model DIR -n 300   # a freshly trained directory, a quick check
 
 A problem counts as solved when the text after </think> is exactly the expected answer; the report also
@@ -19,7 +20,7 @@ from pathlib import Path
 from zizhu.demo import DEMO_MODEL_DIR, tasks
 from zizhu.demo.tokenizer import END_THINK, prompt_text
 
-MAX_NEW_TOKENS = 192  # the longest reasoning trace is about 110 tokens
+MAX_NEW_TOKENS = 256  # the longest completion (a negative 4-digit subtraction) is about 220 tokens
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,18 @@ def generate_zizhu(model_dir: Path, prompts: list[str]) -> list[str]:
     return [o.outputs[0].text for o in outputs]
 
 
-def evaluate(model_dir: Path, n: int = 1000, backend: str = "zizhu") -> dict[str, Score]:
+def resolve_backend(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    import zizhu
+
+    return "zizhu" if hasattr(zizhu, "LLM") else "hf"
+
+
+def evaluate(model_dir: Path, n: int = 1000, backend: str = "auto") -> dict[str, Score]:
     problems = tasks.held_out_set(n)
     prompts = [prompt_text(p.prompt) for p in problems]
-    generate = generate_hf if backend == "hf" else generate_zizhu
+    generate = generate_hf if resolve_backend(backend) == "hf" else generate_zizhu
     return score(problems, generate(model_dir, prompts))
 
 
@@ -95,12 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     parser.add_argument("-n", type=int, default=1000, help="number of held-out problems")
-    parser.add_argument("--backend", choices=("zizhu", "hf"), default="zizhu")
+    parser.add_argument("--backend", choices=("auto", "zizhu", "hf"), default="auto")
     args = parser.parse_args(argv)
     start = time.time()
-    scores = evaluate(args.model, args.n, args.backend)
+    backend = resolve_backend(args.backend)
+    scores = evaluate(args.model, args.n, backend)
     print(report(scores))
-    print(f"({args.backend}, {time.time() - start:.0f}s)")
+    print(f"({backend}, greedy, {time.time() - start:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ in transformers' DeepseekV3ForCausalLM and in zizhu with no renaming. The math f
   model's final hidden state after model.norm, as transformers' MTP drafting uses it.
 
 Training uses full causal attention on right-padded batches, so real tokens never see padding.
+The rope part of the scores is computed separately (q_pe . k_pe), as in DeepSeek's reference code.
 Expert load is balanced without an auxiliary loss: `update_router_biases` nudges each bias by
 gamma * sign(mean load - load) after every optimizer step.
 """
@@ -33,11 +34,11 @@ from torch import nn
 class DemoConfig:
     vocab_size: int
     hidden_size: int = 128
-    intermediate_size: int = 384  # dense MLP of the first layer
-    moe_intermediate_size: int = 128  # each routed expert and the shared expert
-    num_hidden_layers: int = 4
+    intermediate_size: int = 256  # dense MLP of the first layer
+    moe_intermediate_size: int = 96  # each routed expert and the shared expert
+    num_hidden_layers: int = 3
     num_attention_heads: int = 4
-    q_lora_rank: int = 96
+    q_lora_rank: int = 64
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
@@ -124,10 +125,10 @@ def yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]). x: [B, H, T, rd]; cos, sin: [T, rd/2]."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as complex numbers. x: [B, H, T, rd]; freqs_cis: [T, rd/2]."""
+    pairs = torch.view_as_complex(x.contiguous().unflatten(-1, (-1, 2)))  # [B, H, T, rd/2]
+    return torch.view_as_real(pairs * freqs_cis).flatten(-2)
 
 
 class RMSNorm(nn.Module):
@@ -158,7 +159,7 @@ class MLA(nn.Module):
         self.o_proj = linear(h * cfg.v_head_dim, cfg.hidden_size)
         self.scale = cfg.qk_head_dim**-0.5 * yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim) ** 2
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = x.shape
         h, nope, rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
@@ -167,11 +168,12 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, rope], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(b, t, h, nope + cfg.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([nope, cfg.v_head_dim], dim=-1)  # [B, H, T, nope], [B, H, T, v]
-        q_pe = apply_rope(q_pe, cos, sin)
-        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin).expand(b, h, t, rope)  # one rope key for all heads
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        k = torch.cat([k_nope, k_pe], dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)  # [B, H, T, v]
+        q_pe = apply_rope(q_pe, freqs_cis)
+        k_pe = apply_rope(k_pe.unsqueeze(1), freqs_cis)  # [B, 1, T, rope]: one rope key for all heads
+        scores = q_nope @ k_nope.transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)  # [B, H, T, T]
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        probs = (scores * self.scale).masked_fill(causal, float("-inf")).softmax(dim=-1)
+        out = probs @ v  # [B, H, T, v]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * cfg.v_head_dim))
 
 
@@ -248,8 +250,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, valid):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, freqs_cis, valid):
+        x = x + self.self_attn(self.input_layernorm(x), freqs_cis)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, valid) if isinstance(self.mlp, MoE) else self.mlp(h))
 
@@ -275,11 +277,11 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = linear(2 * cfg.hidden_size, cfg.hidden_size)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h, next_embeds, cos, sin, valid):
+    def forward(self, h, next_embeds, freqs_cis, valid):
         """h: [B, T, D] previous depth's hidden states; next_embeds: [B, T, D] embeddings of the tokens
         one step ahead. Returns this depth's normed hidden states [B, T, D]."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(h)], dim=-1))
-        return self.shared_head.norm(super().forward(x, cos, sin, valid))
+        return self.shared_head.norm(super().forward(x, freqs_cis, valid))
 
 
 class Backbone(nn.Module):
@@ -317,24 +319,24 @@ class DemoModel(nn.Module):
     def mtp_layers(self) -> list[MTPLayer]:
         return list(self.model.layers[self.cfg.num_hidden_layers :])
 
-    def rope(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, t: int) -> torch.Tensor:
         freqs = torch.outer(torch.arange(t, dtype=torch.float32), self.inv_freq)  # [T, rope/2]
-        return freqs.cos(), freqs.sin()
+        return torch.polar(torch.ones_like(freqs), freqs)
 
     def forward(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """ids: [B, T]. Returns next-token logits [B, T, V] and, per MTP depth k, logits [B, T-1-k, V]
         where position i predicts token i+1+k+1 (depth 1: i+2)."""
-        cos, sin = self.rope(ids.shape[1])
+        freqs_cis = self.rope(ids.shape[1])
         x = self.model.embed_tokens(ids)
         for layer in self.main_layers:
-            x = layer(x, cos, sin, valid)
+            x = layer(x, freqs_cis, valid)
         h = self.model.norm(x)
         logits = self.lm_head(h)
         mtp_logits = []
         for k, mtp in enumerate(self.mtp_layers, start=1):
             t = ids.shape[1] - k  # pair h_i with the embedding of t_{i+k}
             v = None if valid is None else valid[:, k:]
-            h = mtp(h[:, :t], self.model.embed_tokens(ids[:, k:]), cos[:t], sin[:t], v)
+            h = mtp(h[:, :t], self.model.embed_tokens(ids[:, k:]), freqs_cis[:t], v)
             mtp_logits.append(self.lm_head(h))
         return logits, mtp_logits
 

@@ -30,10 +30,8 @@ FAMILIES = ("add", "sub", "mul", "sort", "reverse", "count")
 
 HELD_OUT_PERCENT = 10  # share of the key space kept for evaluation
 
-MAX_DIGITS = 4  # operands of add, sub and the multi-digit factor of mul
-SORT_LEN = (3, 5)  # list length range for sort (distinct values)
-SORT_MAX = 99  # sort values are 0..SORT_MAX
-WORD_LEN = (2, 8)  # word length range for reverse and count
+MAX_LEVEL = 4  # problem size: operand digits; words up to 2*level letters; lists of level+1 numbers
+SORT_MAX = 99  # sort values are 0..SORT_MAX, distinct
 
 
 @dataclass(frozen=True)
@@ -155,22 +153,23 @@ PROMPTS = {
 }
 
 
-def random_operand(rng: random.Random, max_digits: int = MAX_DIGITS) -> int:
+def random_operand(rng: random.Random, level: int) -> int:
     """A length drawn uniformly first, so short and long operands are equally common."""
-    n = rng.randint(1, max_digits)
+    n = rng.randint(1, level)
     return rng.randint(0 if n == 1 else 10 ** (n - 1), 10**n - 1)
 
 
-def random_word(rng: random.Random) -> str:
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*WORD_LEN)))
+def random_word(rng: random.Random, level: int) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 2 * level)))
 
 
-def make_problem(rng: random.Random, family: str) -> Problem:
-    """One random problem of `family` (either split; callers filter with is_held_out)."""
+def make_problem(rng: random.Random, family: str, level: int = MAX_LEVEL) -> Problem:
+    """One random problem of `family` no bigger than `level` (either split; callers filter with
+    is_held_out). Smaller levels only exist to start training on short problems."""
     prompt = PROMPTS[family]
     if family in ("add", "sub", "mul"):
-        a = random_operand(rng)
-        b = rng.randint(0, 9) if family == "mul" else random_operand(rng)
+        a = random_operand(rng, level)
+        b = rng.randint(0, 9) if family == "mul" else random_operand(rng, level)
         if family == "sub" and a < b and rng.random() < 0.5:
             a, b = b, a  # a quarter of subtractions go negative; those need two passes
         value, reasoning = {
@@ -180,15 +179,16 @@ def make_problem(rng: random.Random, family: str) -> Problem:
         }[family]
         return Problem(family, f"{a},{b}", prompt.format(a=a, b=b), reasoning(a, b), str(value))
     if family == "sort":
-        values = rng.sample(range(SORT_MAX + 1), rng.randint(*SORT_LEN))  # distinct
+        top = 9 if level == 1 else SORT_MAX
+        values = rng.sample(range(top + 1), rng.randint(3, min(5, level + 2)))
         items = ", ".join(map(str, values))
         answer = ", ".join(map(str, sorted(values)))
         return Problem(family, items, prompt.format(items=items), sort_reasoning(values), answer)
     if family == "reverse":
-        word = random_word(rng)
+        word = random_word(rng, level)
         return Problem(family, word, prompt.format(w=word), reverse_reasoning(word), word[::-1])
     if family == "count":
-        word = random_word(rng)
+        word = random_word(rng, level)
         # Mostly a letter of the word, sometimes any letter, so that zero counts occur too.
         letter = rng.choice(word) if rng.random() < 0.75 else rng.choice(string.ascii_lowercase)
         answer = str(word.count(letter))
@@ -196,21 +196,23 @@ def make_problem(rng: random.Random, family: str) -> Problem:
     raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
 
 
-def sample(rng: random.Random, family: str, held_out: bool) -> Problem:
+def sample(rng: random.Random, family: str, held_out: bool, level: int = MAX_LEVEL) -> Problem:
     """Draw problems until one lands on the requested side of the split."""
     while True:
-        problem = make_problem(rng, family)
+        problem = make_problem(rng, family, level)
         if is_held_out(family, problem.key) == held_out:
             return problem
 
 
-def training_stream(seed: int, weights: dict[str, float] | None = None):
-    """An endless, seeded stream of training problems (never a held-out key)."""
-    rng = random.Random(seed)
-    weights = weights or {f: 1.0 for f in FAMILIES}
-    families, w = list(weights), list(weights.values())
-    while True:
-        yield sample(rng, rng.choices(families, w)[0], held_out=False)
+class TrainingStream:
+    """An endless, seeded stream of training problems (never a held-out key), all families equally."""
+
+    def __init__(self, seed: int, families: tuple[str, ...] = FAMILIES):
+        self.rng = random.Random(seed)
+        self.families = families
+
+    def take(self, n: int, level: int = MAX_LEVEL) -> list[Problem]:
+        return [sample(self.rng, self.rng.choice(self.families), held_out=False, level=level) for _ in range(n)]
 
 
 def held_out_set(n: int = 1000, seed: int = 1234) -> list[Problem]:

@@ -12,7 +12,6 @@ Deterministic from the seed on a given machine (fixed thread count, seeded data 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import math
@@ -38,8 +37,8 @@ TOKENIZER_CORPUS = 20_000  # problems the BPE is trained on
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 3000
-    batch_size: int = 64
-    lr: float = 3e-3
+    batch_size: int = 32
+    lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup: int = 150
     weight_decay: float = 0.1
@@ -47,6 +46,7 @@ class TrainConfig:
     mtp_weight: float = 0.3  # DeepSeek-V3's lambda for the MTP loss
     bias_gamma: float = 1e-3  # router bias step of the auxiliary-loss-free balancing
     bucket: int = 16  # batches drawn at once and sorted by length, to cut padding
+    ramp: float = 0.3  # share of training over which problems grow to full size
     threads: int = 1  # on a shared 2-core machine one thread beats two by far (no barrier stalls)
 
 
@@ -71,18 +71,32 @@ def make_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torc
     return ids, valid, target
 
 
-def batches(tokenizer: Tokenizer, seed: int, cfg: TrainConfig):
-    """Endless length-bucketed batches of fresh training problems."""
-    stream = tasks.training_stream(seed)
-    rng = random.Random(seed + 1)
-    pad_id = tokenizer.token_to_id(PAD)
-    while True:
-        examples = encode(tokenizer, list(itertools.islice(stream, cfg.batch_size * cfg.bucket)))
-        examples.sort(key=lambda e: len(e[0]))
-        chunks = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
-        rng.shuffle(chunks)
-        for chunk in chunks:
-            yield make_batch(chunk, pad_id)
+class Batches:
+    """Fresh training problems in length-bucketed batches: `cfg.bucket` batches are drawn at once and
+    sorted by length, so little of each batch is padding."""
+
+    def __init__(self, tokenizer: Tokenizer, seed: int, cfg: TrainConfig, families: tuple[str, ...] = tasks.FAMILIES):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.stream = tasks.TrainingStream(seed, families)
+        self.rng = random.Random(seed + 1)
+        self.pad_id = tokenizer.token_to_id(PAD)
+        self.ready: list[list[tuple[list[int], int]]] = []
+
+    def next(self, level: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.ready:
+            examples = encode(self.tokenizer, self.stream.take(self.cfg.batch_size * self.cfg.bucket, level))
+            examples.sort(key=lambda e: len(e[0]))
+            size = self.cfg.batch_size
+            self.ready = [examples[i : i + size] for i in range(0, len(examples), size)]
+            self.rng.shuffle(self.ready)
+        return make_batch(self.ready.pop(), self.pad_id)
+
+
+def level_at(step: int, cfg: TrainConfig) -> int:
+    """Curriculum: problem size grows from 1 to MAX_LEVEL over the first `cfg.ramp` of training."""
+    ramp = max(1, int(cfg.ramp * cfg.steps))
+    return min(tasks.MAX_LEVEL, 1 + (tasks.MAX_LEVEL - 1) * step // ramp)
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor, target: torch.Tensor, ahead: int) -> torch.Tensor:
@@ -108,13 +122,13 @@ def optimizer_for(model: DemoModel, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def train(model: DemoModel, tokenizer: Tokenizer, seed: int, cfg: TrainConfig) -> None:
+def train(model: DemoModel, tokenizer: Tokenizer, seed: int, cfg: TrainConfig, families=tasks.FAMILIES) -> None:
     opt = optimizer_for(model, cfg)
     model.train()
     start = time.time()
-    data = batches(tokenizer, seed, cfg)
+    data = Batches(tokenizer, seed, cfg, families)
     for step in range(cfg.steps):
-        ids, valid, target = next(data)
+        ids, valid, target = data.next(level_at(step, cfg))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         logits, mtp_logits = model(ids, valid)
@@ -148,7 +162,7 @@ def save_model(model: DemoModel, out: Path) -> None:
 def build(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None) -> DemoModel:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
-    corpus = itertools.islice(tasks.training_stream(seed + 2), TOKENIZER_CORPUS)
+    corpus = tasks.TrainingStream(seed + 2).take(TOKENIZER_CORPUS)
     tokenizer = train_tokenizer(p.prompt + "\n" + p.completion for p in corpus)
     model = DemoModel(DemoConfig(vocab_size=tokenizer.get_vocab_size(), **(model_cfg or {})))
     n_params = sum(p.numel() for p in model.parameters())
