@@ -28,3 +28,23 @@ def text_checkpoint(tmp_path_factory):
     path = save_checkpoint(model, tmp_path_factory.mktemp("text_v3"))
     build_tokenizer(path, 384)
     return path, model
+
+
+@pytest.fixture(autouse=True)
+def every_kv_block_freed(monkeypatch):
+    """After each test, every engine it built must hold no KV blocks and no unfinished requests."""
+    from zizhu.engine.llm_engine import LLMEngine
+
+    engines = []
+    original = LLMEngine.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(LLMEngine, "__init__", tracking_init)
+    yield
+    for engine in engines:
+        stats = engine.stats()
+        assert stats.num_blocks_used == 0, f"{stats.num_blocks_used} KV blocks leaked"
+        assert not engine.has_unfinished_requests(), "requests left unfinished"

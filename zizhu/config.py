@@ -258,6 +258,7 @@ class EngineConfig:
     kv_cache_memory: int | float | None = None  # bytes, or a fraction (0, 1] of available memory
     enable_prefix_caching: bool = True
     max_waiting: int | None = None
+    quantization: str | None = None  # "int8": weight-only int8 of linear and expert weights, at load
 
     def validate(self) -> None:
         if self.block_size < 1:

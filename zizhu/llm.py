@@ -21,7 +21,7 @@ class LLM:
 
     Engine options: dtype ("auto", "float32", "bfloat16", ...), max_model_len, kv_cache_memory
     (bytes, or a fraction of free memory), max_num_seqs, max_num_batched_tokens, block_size,
-    enable_prefix_caching, platform, seed.
+    enable_prefix_caching, quantization ("int8": weight-only, at load), platform, seed.
     """
 
     def __init__(self, model: str | Path, dtype: str = "auto", **engine_kwargs: Any):

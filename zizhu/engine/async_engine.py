@@ -34,11 +34,12 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs; leaving the loop early aborts the request and frees its blocks."""
         self._ensure_loop()
+        await self._wait_idle()
+        # No await from here to add_request: the queue check and the add are one atomic step.
         if self.max_waiting is not None and self.engine.stats().num_waiting >= self.max_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests): retry later")
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        await self._wait_idle()
         self.engine.add_request(request_id, prompt_token_ids, params, prompt)  # raises on invalid input
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = queue

@@ -110,10 +110,6 @@ class BlockManager:
         request.block_ids = []
         request.block_hashes = []
 
-    def reset_prefix_cache(self) -> None:
-        for block in list(self.free):
-            self._evict(block)
-
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:
             del self.free[block]

@@ -25,7 +25,7 @@ def _linear(in_features: int, out_features: int, dtype: torch.dtype, bias: bool 
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype, rotary: RotaryEmbedding):
         super().__init__()
         self.platform = platform
         self.num_heads = cfg.num_attention_heads
@@ -45,15 +45,15 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, platform, dtype)
         self.kv_b_proj = _linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), dtype)
         self.o_proj = _linear(self.num_heads * self.v_dim, cfg.hidden_size, dtype, cfg.attention_bias)
-        self.rotary = RotaryEmbedding(cfg.rope, self.rope_dim)
-        self.w_uk: torch.Tensor | None = None  # [H, nope, R], derived from kv_b_proj after loading
-        self.w_uv: torch.Tensor | None = None  # [H, v, R]
+        self.rotary = rotary  # shared by all layers: cos/sin are computed once per step
+        self.w_uk: torch.Tensor | None = None  # [H, nope, R] fp32, derived from kv_b_proj after loading
+        self.w_uv: torch.Tensor | None = None  # [H, v, R] fp32
 
     def absorb(self) -> None:
         """Split kv_b_proj into the per-head up-projections that decode folds into q and o."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        self.w_uk = w[:, : self.nope_dim].contiguous()
-        self.w_uv = w[:, self.nope_dim :].contiguous()
+        self.w_uk = w[:, : self.nope_dim].float().contiguous()
+        self.w_uv = w[:, self.nope_dim :].float().contiguous()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor):
         num_tokens = x.shape[0]
@@ -71,16 +71,18 @@ class MLAttention(nn.Module):
         out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
         n_dec = batch.num_decodes
         if n_dec:
-            q_latent = torch.einsum("thn,hnr->thr", q_nope[:n_dec], self.w_uk)  # [B, H, R]
+            # Absorbed attention runs in fp32: q_latent sums over nope dims and the scores over the
+            # latent, so rounding them to bf16 can flip a peaky head between near-equal keys.
+            q_latent = torch.einsum("thn,hnr->thr", q_nope[:n_dec].float(), self.w_uk)  # [B, H, R]
             o_latent = self.platform.paged_mla_decode(
-                torch.cat([q_latent, q_pe[:n_dec]], dim=-1),
+                torch.cat([q_latent, q_pe[:n_dec].float()], dim=-1),
                 cache,
                 batch.block_tables[:n_dec],
                 batch.seq_lens[:n_dec],
                 self.kv_lora_rank,
                 self.scale,
             )
-            out[:n_dec] = torch.einsum("thr,hvr->thv", o_latent, self.w_uv)
+            out[:n_dec] = torch.einsum("thr,hvr->thv", o_latent.float(), self.w_uv).to(out.dtype)
         if n_dec < len(batch.seq_lens_cpu):
             q_full = torch.cat([q_nope, q_pe], dim=-1)
             for s, start, end, length in batch.prefills():

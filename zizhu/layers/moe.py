@@ -88,7 +88,10 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
-        out = self.platform.moe_experts(x, ids, weights, self.experts.w13, self.experts.w2)
+        experts = self.experts
+        out = self.platform.moe_experts(
+            x, ids, weights, experts.w13, experts.w2, getattr(experts, "w13_scale", None), getattr(experts, "w2_scale", None)
+        )
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

@@ -46,6 +46,7 @@ class RotaryEmbedding(nn.Module):
         self.rope, self.dim = rope, dim
         self.interleaved = rope.interleaved
         self._inv_freq: torch.Tensor | None = None  # built on first use, on the device of the positions
+        self._last: tuple | None = None
         self.cos_sin_factor = inverse_frequencies(rope, dim)[1]
 
     def _frequencies(self, device: torch.device) -> torch.Tensor:
@@ -59,10 +60,19 @@ class RotaryEmbedding(nn.Module):
         Interleaved pairs (2i, 2i+1) come out as [rotated evens | rotated odds]: a fixed permutation
         of the rope dims, applied to q and k alike, so every dot product is unchanged.
         """
-        freqs = positions.to(torch.float32)[:, None] * self._frequencies(positions.device)[None, :]  # [T, P / 2]
-        cos = (freqs.cos() * self.cos_sin_factor).to(q.dtype)
-        sin = (freqs.sin() * self.cos_sin_factor).to(q.dtype)
+        cos, sin = self._cos_sin(positions, q.dtype)
         return self._rotate(q, cos[:, None, :], sin[:, None, :]), self._rotate(k, cos, sin)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for a step's positions, computed once and reused by every layer of that step."""
+        cached = self._last
+        if cached is not None and cached[0] is positions and cached[1] == dtype:
+            return cached[2], cached[3]
+        freqs = positions.to(torch.float32)[:, None] * self._frequencies(positions.device)[None, :]  # [T, P / 2]
+        cos = (freqs.cos() * self.cos_sin_factor).to(dtype)
+        sin = (freqs.sin() * self.cos_sin_factor).to(dtype)
+        self._last = (positions, dtype, cos, sin)
+        return cos, sin
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.interleaved:

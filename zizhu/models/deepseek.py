@@ -19,6 +19,7 @@ from zizhu.layers.batch import AttentionBatch
 from zizhu.layers.mla import MLAttention, _linear
 from zizhu.layers.moe import MLP, MoE
 from zizhu.layers.norm import RMSNorm
+from zizhu.layers.rope import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,10 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, platform, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, layer: int, platform, dtype: torch.dtype, rotary: RotaryEmbedding):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
-        self.self_attn = MLAttention(cfg, platform, dtype)
+        self.self_attn = MLAttention(cfg, platform, dtype, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
         self.mlp = MoE(cfg, platform, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
 
@@ -45,7 +46,8 @@ class DeepseekModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, platform, dtype) for i in range(cfg.num_hidden_layers))
+        rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, platform, dtype, rotary) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
 
 

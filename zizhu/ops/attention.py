@@ -23,7 +23,7 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 
 
 def paged_mla_decode(
-    q_latent: torch.Tensor,  # [B, H, R + P]: absorbed q_nope (R) then roped q_pe (P)
+    q_latent: torch.Tensor,  # [B, H, R + P]: absorbed q_nope (R) then roped q_pe (P); sets the compute dtype
     cache: torch.Tensor,  # [num_blocks, block_size, R + P]
     block_tables: torch.Tensor,  # [B, max_blocks] int
     seq_lens: torch.Tensor,  # [B] int: tokens visible to each query (its own included)
@@ -35,12 +35,12 @@ def paged_mla_decode(
     block_size = cache.shape[1]
     max_len = int(seq_lens.max())
     num_blocks = (max_len + block_size - 1) // block_size
-    context = cache[block_tables[:, :num_blocks]].reshape(batch, -1, width)  # [B, L, R + P]
-    scores = torch.bmm(q_latent, context.transpose(1, 2)).float() * scale  # [B, H, L]
+    context = cache[block_tables[:, :num_blocks]].reshape(batch, -1, width).to(q_latent.dtype)  # [B, L, R + P]
+    scores = torch.bmm(q_latent, context.transpose(1, 2)) * scale  # [B, H, L]
     positions = torch.arange(context.shape[1], device=scores.device)
     scores.masked_fill_((positions[None, :] >= seq_lens[:, None])[:, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(context.dtype)
-    return torch.bmm(probs, context[..., :kv_lora_rank])  # [B, H, R]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_latent.dtype)
+    return torch.bmm(probs, context[..., :kv_lora_rank])  # [B, H, R] in the query's dtype
 
 
 def mla_prefill(

@@ -65,6 +65,7 @@ class Platform:
     paged_mla_decode = staticmethod(ops.paged_mla_decode)
     mla_prefill = staticmethod(ops.mla_prefill)
     moe_experts = staticmethod(ops.moe_experts)
+    int8_linear = staticmethod(ops.int8_linear)
 
     # ------------------------------------------------------------------ graphs
     def capture_graph(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -1,0 +1,84 @@
+"""Checkpoint discovery and loading: Hugging Face cache ids, MTP layers, dtypes."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.checkpoints import hf_greedy
+from zizhu import LLM, SamplingParams
+from zizhu.errors import ModelNotFoundError
+from zizhu.loader.resolve import resolve_model_path
+
+
+def _fake_hub_cache(cache_dir, repo_id, files_from):
+    """Lay out a checkpoint the way huggingface_hub caches a download."""
+    repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in files_from.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_id_resolves_from_local_cache_offline(tiny_checkpoints, tmp_path, monkeypatch):
+    path, hf = tiny_checkpoints["tiny_deepseek_v3"]
+    snapshot = _fake_hub_cache(tmp_path, "deepseek-ai/Tiny-V3", path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    assert resolve_model_path("deepseek-ai/Tiny-V3").resolve() == snapshot.resolve()
+    llm = LLM("deepseek-ai/Tiny-V3", dtype="float32", kv_cache_memory=1 << 20)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, [5, 6, 7], 4)
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache"):
+        resolve_model_path("deepseek-ai/Not-Cached")
+
+
+def test_mtp_layer_weights_load_and_are_ignored(tiny_checkpoints, tmp_path):
+    src, hf = tiny_checkpoints["tiny_deepseek_v3"]
+    dst = tmp_path / "with_mtp"
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    n = hf.config.num_hidden_layers  # MTP modules sit at layer index num_hidden_layers
+    d = hf.config.hidden_size
+    for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        weights[f"model.layers.{n}.{name}"] = torch.ones(d)
+    weights[f"model.layers.{n}.eh_proj.weight"] = torch.randn(d, 2 * d)
+    weights[f"model.layers.{n}.shared_head.head.weight"] = torch.randn(hf.config.vocab_size, d)
+    weights[f"model.layers.{n}.self_attn.kv_b_proj.weight"] = torch.randn(8, 8)
+    save_file(weights, str(dst / "model.safetensors"))
+    llm = LLM(dst, dtype="float32", kv_cache_memory=1 << 20)
+    out = llm.generate([[9, 8, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, [9, 8, 7], 4)
+
+
+def test_bf16_checkpoint(tiny_checkpoints, tmp_path):
+    """A bf16 checkpoint computed in fp32 matches HF fed the same bf16 weights; in bf16 it mostly agrees."""
+    from transformers import AutoModelForCausalLM
+
+    src, hf = tiny_checkpoints["tiny_deepseek_v2"]
+    dst = tmp_path / "bf16"
+    shutil.copytree(src, dst)
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(dst / "model.safetensors")).items()}
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    oracle = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
+    prompt = [3, 14, 15, 92, 65, 35]
+    fp32 = LLM(dst, dtype="float32", kv_cache_memory=1 << 20)
+    assert fp32.engine.dtype == torch.float32
+    ours = fp32.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
+    assert ours == hf_greedy(oracle, prompt, 12)
+    bf16 = LLM(dst, dtype="bfloat16", kv_cache_memory=1 << 20)
+    low = bf16.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
+    assert sum(a == b for a, b in zip(low, ours)) >= 6

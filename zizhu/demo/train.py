@@ -1,0 +1,194 @@
+"""Train the embedded demo model from nothing: `python -m zizhu.demo.train --out DIR --seed 0`.
+
+Deterministic from the seed on a given machine (fixed thread count, seeded data stream and init):
+1. generate a sample of the task corpus and train the byte-level BPE tokenizer on it;
+2. train a small DeepSeek-V3 (MLA, noaux_tc MoE, YaRN, one MTP layer) on an endless stream of fresh
+   training problems, loss on the assistant turn only, AdamW with warmup and cosine decay, and the
+   router biases balanced after each step without an auxiliary loss;
+3. write an HF-format directory: config.json, model.safetensors, generation_config.json,
+   tokenizer.json, tokenizer_config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from zizhu.demo import tasks
+from zizhu.demo.model import DemoConfig, DemoModel
+from zizhu.demo.tokenizer import EOS, PAD, prompt_text, save_tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_CORPUS = 20_000  # problems the BPE is trained on
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 150
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.3  # DeepSeek-V3's lambda for the MTP loss
+    bias_gamma: float = 1e-3  # router bias step of the auxiliary-loss-free balancing
+    bucket: int = 16  # batches drawn at once and sorted by length, to cut padding
+    ramp: float = 0.3  # share of training over which problems grow to full size
+    threads: int = 1  # on a shared 2-core machine one thread beats two by far (no barrier stalls)
+
+
+def encode(tokenizer: Tokenizer, problems: list[tasks.Problem]) -> list[tuple[list[int], int]]:
+    """(token ids of the full turn, number of prompt tokens) per problem."""
+    prompts = tokenizer.encode_batch([prompt_text(p.prompt) for p in problems])
+    fulls = tokenizer.encode_batch([prompt_text(p.prompt) + p.completion + EOS for p in problems])
+    return [(f.ids, len(p.ids)) for p, f in zip(prompts, fulls)]
+
+
+def make_batch(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, T], validity mask [B, T], and a mask of the positions that carry loss
+    (the assistant turn: everything after the generation prompt, EOS included)."""
+    t = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(examples), t), dtype=torch.bool)
+    target = torch.zeros((len(examples), t), dtype=torch.bool)
+    for row, (seq, n_prompt) in enumerate(examples):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        valid[row, : len(seq)] = True
+        target[row, n_prompt : len(seq)] = True
+    return ids, valid, target
+
+
+class Batches:
+    """Fresh training problems in length-bucketed batches: `cfg.bucket` batches are drawn at once and
+    sorted by length, so little of each batch is padding."""
+
+    def __init__(self, tokenizer: Tokenizer, seed: int, cfg: TrainConfig, families: tuple[str, ...] = tasks.FAMILIES):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.stream = tasks.TrainingStream(seed, families)
+        self.rng = random.Random(seed + 1)
+        self.pad_id = tokenizer.token_to_id(PAD)
+        self.ready: list[list[tuple[list[int], int]]] = []
+
+    def next(self, level: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.ready:
+            examples = encode(self.tokenizer, self.stream.take(self.cfg.batch_size * self.cfg.bucket, level))
+            examples.sort(key=lambda e: len(e[0]))
+            size = self.cfg.batch_size
+            self.ready = [examples[i : i + size] for i in range(0, len(examples), size)]
+            self.rng.shuffle(self.ready)
+        return make_batch(self.ready.pop(), self.pad_id)
+
+
+def level_at(step: int, cfg: TrainConfig) -> int:
+    """Curriculum: problem size grows from 1 to MAX_LEVEL over the first `cfg.ramp` of training."""
+    ramp = max(1, int(cfg.ramp * cfg.steps))
+    return min(tasks.MAX_LEVEL, 1 + (tasks.MAX_LEVEL - 1) * step // ramp)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, target: torch.Tensor, ahead: int) -> torch.Tensor:
+    """Cross-entropy of position i predicting token i+ahead, over target tokens only."""
+    labels = ids[:, ahead:].masked_fill(~target[:, ahead:], -100)
+    return F.cross_entropy(logits[:, : labels.shape[1]].flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_for(model: DemoModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on the matrices of the blocks; none on norms, embedding and router."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.ndim == 2 and "embed_tokens" not in name and not name.endswith("gate.weight")
+        (decay if is_matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def train(model: DemoModel, tokenizer: Tokenizer, seed: int, cfg: TrainConfig, families=tasks.FAMILIES) -> None:
+    opt = optimizer_for(model, cfg)
+    model.train()
+    start = time.time()
+    data = Batches(tokenizer, seed, cfg, families)
+    for step in range(cfg.steps):
+        ids, valid, target = data.next(level_at(step, cfg))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        logits, mtp_logits = model(ids, valid)
+        loss = lm_loss(logits, ids, target, ahead=1)
+        mtp_loss = sum(lm_loss(lg, ids, target, ahead=k + 2) for k, lg in enumerate(mtp_logits))
+        (loss + cfg.mtp_weight * mtp_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases(cfg.bias_gamma)
+        if step % 100 == 0 or step == cfg.steps - 1:
+            logger.info(
+                "step %d/%d loss %.4f mtp %.4f lr %.2e %.0fs",
+                step, cfg.steps, loss.item(), mtp_loss.item(), lr_at(step, cfg), time.time() - start,
+            )
+
+
+def save_model(model: DemoModel, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(model.checkpoint_state(), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(model.cfg.to_hf_config(), indent=2) + "\n")
+    generation = {
+        "bos_token_id": model.cfg.bos_token_id,
+        "eos_token_id": model.cfg.eos_token_id,
+        "pad_token_id": model.cfg.pad_token_id,
+        "do_sample": False,
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def build(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None) -> DemoModel:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    corpus = tasks.TrainingStream(seed + 2).take(TOKENIZER_CORPUS)
+    tokenizer = train_tokenizer(p.prompt + "\n" + p.completion for p in corpus)
+    model = DemoModel(DemoConfig(vocab_size=tokenizer.get_vocab_size(), **(model_cfg or {})))
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("vocab %d, %d parameters (%.2fM)", tokenizer.get_vocab_size(), n_params, n_params / 1e6)
+    train(model, tokenizer, seed, cfg)
+    save_model(model, out)
+    save_tokenizer(tokenizer, out, model_max_length=model.cfg.max_position_embeddings)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="directory to write the model to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads)
+    parser.add_argument("--model", type=json.loads, default=None, help="DemoConfig overrides as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads)
+    start = time.time()
+    build(args.out, args.seed, cfg, args.model)
+    logger.info("wrote %s in %.1f minutes", args.out, (time.time() - start) / 60)
+
+
+if __name__ == "__main__":
+    main()
