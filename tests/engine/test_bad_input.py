@@ -159,3 +159,11 @@ def test_invalid_sampling_values(kwargs, param):
         SamplingParams(**kwargs)
     assert info.value.param == param
     assert param in str(info.value)
+
+
+def test_default_cache_holds_a_max_length_sequence(tiny_checkpoints):
+    """Sized by default, the cache rounds each sequence up to whole blocks (100 tokens -> 7 blocks of 16)."""
+    path, _ = tiny_checkpoints["tiny_deepseek_v3"]
+    llm = LLM(path, dtype="float32", max_model_len=100, max_num_seqs=1)
+    assert llm.engine.max_model_len == 100
+    assert llm.engine.block_manager.num_blocks * 16 >= 100

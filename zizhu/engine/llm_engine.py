@@ -141,7 +141,8 @@ class LLMEngine:
         bs = ecfg.block_size
         budget = ecfg.kv_cache_memory
         if budget is None:
-            wanted = per_token * max_len * ecfg.max_num_seqs
+            blocks_per_seq = -(-max_len // bs)  # a sequence occupies whole blocks
+            wanted = per_token * bs * blocks_per_seq * ecfg.max_num_seqs
             budget = min(wanted, int(self.platform.available_memory() * 0.25))
         elif isinstance(budget, float):
             budget = int(self.platform.available_memory() * budget)
