@@ -39,3 +39,12 @@ def test_v2_scale():
     cfg = ModelConfig.from_dict(v2)
     assert abs(cfg.softmax_scale - 0.11472) < 1e-4
     assert cfg.scoring_func == "softmax"
+
+
+def test_generation_config_supplies_sampling_defaults():
+    # DeepSeek-V3's generation_config.json: sampling with the recommended temperature and top_p
+    cfg = ModelConfig.from_dict(V3, generation_config={"do_sample": True, "temperature": 0.6, "top_p": 0.95})
+    assert cfg.generation_defaults == {"temperature": 0.6, "top_p": 0.95}
+    greedy = ModelConfig.from_dict(V3, generation_config={"do_sample": False, "temperature": 0.6})
+    assert greedy.generation_defaults == {"temperature": 0.0}
+    assert ModelConfig.from_dict(V3).generation_defaults == {}

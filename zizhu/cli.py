@@ -11,6 +11,7 @@ ships with zizhu is used.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="complete one prompt and print it", description="Print the model's continuation of PROMPT as it is generated.")
     generate.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help="optional model, then the prompt text")
     generate.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
-    _add_sampling_args(generate, max_tokens=128)
+    _add_sampling_args(generate, max_tokens=512)
     _add_engine_args(generate)
     return parser
 
@@ -107,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-tokens", type=int, default=max_tokens, help=f"most tokens to generate (default {max_tokens})")
-    group.add_argument("--temperature", type=float, default=0.6, help="0 for greedy (default 0.6)")
-    group.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    group.add_argument("--temperature", type=float, help="0 for greedy (default: the model's generation_config, else 0.6)")
+    group.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the model's generation_config, else 0.95)")
     group.add_argument("--seed", type=int, help="seed for reproducible sampling")
 
 
@@ -155,14 +156,26 @@ def build_engine(args: argparse.Namespace):
     return engine
 
 
-def _sampling(args: argparse.Namespace):
+def _sampling(args: argparse.Namespace, engine):
+    """Flags first, then the checkpoint's generation_config, then 0.6 / 0.95 (DeepSeek's advice)."""
     from zizhu.sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    defaults = {"temperature": 0.6, "top_p": 0.95, **engine.model_config.generation_defaults}
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=defaults["temperature"] if args.temperature is None else args.temperature,
+        top_p=defaults["top_p"] if args.top_p is None else args.top_p,
+        top_k=defaults.get("top_k", 0),
+        seed=args.seed,
+    )
 
 
 def stream_text(engine, prompt_ids: list[int], params, prompt: str | None = None) -> Iterator[str]:
-    """Run one request on a synchronous engine, yielding new text as it is generated."""
+    """Run one request on a synchronous engine, yielding new text as it is generated. A terminal user
+    gets what fits: max_tokens is cut to the context left after the prompt, not refused."""
+    room = engine.max_model_len - len(prompt_ids)
+    if params.max_tokens is not None and 0 < room < params.max_tokens:
+        params = dataclasses.replace(params, max_tokens=room)
     request_id = uuid.uuid4().hex
     engine.add_request(request_id, prompt_ids, params, prompt)
     sent = 0
@@ -210,7 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
     else:
         ids = tokenizer.encode(prompt)
-    for piece in stream_text(engine, ids, _sampling(args), prompt):
+    for piece in stream_text(engine, ids, _sampling(args, engine), prompt):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -225,7 +238,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         pass
     engine = build_engine(args)
     tokenizer = engine.tokenizer
-    params = _sampling(args)
+    params = _sampling(args, engine)
     color = sys.stdout.isatty()
     dim, bold, reset = (DIM, BOLD, RESET) if color else ("", "", "")
     system = [{"role": "system", "content": args.system}] if args.system else []

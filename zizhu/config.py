@@ -86,6 +86,8 @@ class ModelConfig:
     torch_dtype: str | None = None
     quantization: QuantizationConfig | None = None
     attention_bias: bool = False
+    # Sampling the checkpoint asks for when a request leaves it unset (generation_config.json).
+    generation_defaults: dict[str, float] = field(default_factory=dict)
 
     @property
     def qk_head_dim(self) -> int:
@@ -155,8 +157,23 @@ class ModelConfig:
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             quantization=_quantization(raw.get("quantization_config")),
             attention_bias=bool(raw.get("attention_bias", False)),
+            generation_defaults=_generation_defaults(generation_config or {}),
             **moe_fields,
         )
+
+
+def _generation_defaults(gen: dict[str, Any]) -> dict[str, float]:
+    """temperature / top_p / top_k from generation_config.json; `do_sample: false` means greedy, as in
+    transformers. Only what the file states: an empty dict leaves the caller's own defaults."""
+    if gen.get("do_sample") is False:
+        return {"temperature": 0.0}
+    defaults = {}
+    for key in ("temperature", "top_p"):
+        if isinstance(gen.get(key), (int, float)):
+            defaults[key] = float(gen[key])
+    if isinstance(gen.get("top_k"), int):
+        defaults["top_k"] = gen["top_k"]
+    return defaults
 
 
 def _moe_fields(raw: dict[str, Any], is_v3: bool) -> dict[str, Any]:

@@ -86,6 +86,7 @@ class FakeStats:
 
 class FakeModelConfig:
     model_type = "deepseek_v3"
+    generation_defaults: dict = {}
 
 
 class FakeEngine:

@@ -41,7 +41,7 @@ class DemoConfig:
     q_lora_rank: int = 64
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
+    qk_rope_head_dim: int = 32  # wide, with a small rope_theta below: sharp positions for copying
     v_head_dim: int = 32
     n_routed_experts: int = 8
     n_shared_experts: int = 1
@@ -51,7 +51,7 @@ class DemoConfig:
     routed_scaling_factor: float = 2.5
     first_k_dense_replace: int = 1
     num_nextn_predict_layers: int = 1
-    rope_theta: float = 10000.0
+    rope_theta: float = 100.0
     rope_factor: float = 4.0
     original_max_position_embeddings: int = 128
     beta_fast: float = 32.0

@@ -6,9 +6,9 @@ and both parts are fully determined by the problem, so greedy decoding has exact
     add       What is 4821 + 3957?                  column sums from the units up
     sub       What is 4821 - 3957?                  column differences with borrows
     mul       What is 4821 * 7?                     digit products with carries
-    sort      Sort these numbers: 52, 7, 31.        repeatedly take the smallest
-    reverse   Reverse the word 'planet'.            index the letters, read them back
-    count     How many times does the letter 'r' appear in 'strawberry'?   running count
+    sort      Sort these numbers: 52, 7, 31.        insert each number into the sorted part
+    reverse   Reverse the word 'planet'.            move letters one by one to the reversed part
+    count     How many times does the letter 'r' appear in 'strawberry'?   compare, running count
 
 The reasoning is written so that every step is a short, local lookup for a small model: column
 arithmetic runs from the units digit up, and the partial result is rebuilt on each line (so the
@@ -101,42 +101,48 @@ def sub_reasoning(a: int, b: int) -> str:
 
 
 def mul_reasoning(a: int, b: int) -> str:
-    """`48*7: 8*7+1=57, 747`: remaining digits, last digit times b plus the carry, result so far."""
+    """`48*7: 8*7=56, 56+1=57, 47`: remaining digits, last digit times b, plus the carry as a second
+    step (one table lookup and one small addition, never both at once), result so far."""
     lines, result, carry = [], "", 0
     while a or carry or not lines:
         x = a % 10
-        p = x * b + carry
+        product = x * b
+        p = product + carry
         result = f"{p % 10}{result}"
-        lines.append(f"{a}*{b}: {x}*{b}{f'+{carry}' if carry else ''}={p}, {result}")
+        step = f"{x}*{b}={product}" + (f", {product}+{carry}={p}" if carry else "")
+        lines.append(f"{a}*{b}: {step}, {result}")
         a, carry = a // 10, p // 10
     return "\n".join(lines)
 
 
 def sort_reasoning(values: list[int]) -> str:
-    """Selection sort: `7, 9 | 52, 31, 18`, the sorted part grows by the smallest of the rest."""
-    done, left, lines = [], list(values), []
-    while left:
-        smallest = min(left)
-        done.append(smallest)
-        left.remove(smallest)
-        lines.append(f"{', '.join(map(str, done))} | {', '.join(map(str, left))}".rstrip())
+    """Insertion sort: `7, 52 | 31, 18`, the first number left is put into its place in the sorted part.
+    Each line drops the head of the rest and copies the sorted part with one number slotted in."""
+    done, lines = [], []
+    for i, v in enumerate(values):
+        done = sorted([*done, v])
+        lines.append(f"{', '.join(map(str, done))} | {', '.join(map(str, values[i + 1 :]))}".rstrip())
     return "\n".join(lines)
 
 
 def reverse_reasoning(word: str) -> str:
-    """`plan ten`: move the last letter of what is left to the end of the reversed part."""
+    """`plan|ten`: move the last letter of what is left to the end of the reversed part. The bar (not a
+    space) keeps every letter its own token, as in the prompt."""
     lines = [word]
     for i in range(1, len(word) + 1):
-        lines.append(f"{word[: len(word) - i]} {word[::-1][:i]}".strip())
+        lines.append(f"{word[: len(word) - i]}|{word[::-1][:i]}")
     return "\n".join(lines)
 
 
 def count_reasoning(letter: str, word: str) -> str:
-    """`r 1, awberry`: the next letter, the count so far, the letters still to look at."""
+    """`r=r 1 'awberry'`: the next letter compared with the one counted, the count so far, the letters
+    still to look at. Writing the comparison puts both letters side by side before the count; the
+    quotes keep the rest tokenized letter by letter, as in the prompt."""
     lines, n = [], 0
     for i, c in enumerate(word):
         n += c == letter
-        lines.append(f"{c} {n}, {word[i + 1 :]}".rstrip(", ").rstrip(","))
+        rest = word[i + 1 :]
+        lines.append(f"{c}{'=' if c == letter else '≠'}{letter} {n}" + (f" '{rest}'" if rest else ""))
     return "\n".join(lines)
 
 
@@ -204,15 +210,22 @@ def sample(rng: random.Random, family: str, held_out: bool, level: int = MAX_LEV
             return problem
 
 
+# Training share of each family, relative: the ones with longer chains of steps get more problems.
+FAMILY_WEIGHTS = {"add": 1.0, "sub": 1.5, "mul": 1.5, "sort": 2.0, "reverse": 0.75, "count": 0.75}
+
+
 class TrainingStream:
-    """An endless, seeded stream of training problems (never a held-out key), all families equally."""
+    """An endless, seeded stream of training problems (never a held-out key), families drawn by
+    FAMILY_WEIGHTS."""
 
     def __init__(self, seed: int, families: tuple[str, ...] = FAMILIES):
         self.rng = random.Random(seed)
         self.families = families
+        self.weights = [FAMILY_WEIGHTS[f] for f in families]
 
     def take(self, n: int, level: int = MAX_LEVEL) -> list[Problem]:
-        return [sample(self.rng, self.rng.choice(self.families), held_out=False, level=level) for _ in range(n)]
+        draws = self.rng.choices(self.families, self.weights, k=n)
+        return [sample(self.rng, family, held_out=False, level=level) for family in draws]
 
 
 def held_out_set(n: int = 1000, seed: int = 1234) -> list[Problem]:

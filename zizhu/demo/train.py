@@ -15,12 +15,16 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
@@ -47,7 +51,8 @@ class TrainConfig:
     bias_gamma: float = 1e-3  # router bias step of the auxiliary-loss-free balancing
     bucket: int = 16  # batches drawn at once and sorted by length, to cut padding
     ramp: float = 0.3  # share of training over which problems grow to full size
-    threads: int = 1  # on a shared 2-core machine one thread beats two by far (no barrier stalls)
+    workers: int = 2  # data-parallel processes, one thread each: on a shared 2-core machine this beats
+    # one process with two threads by far, which stalls at every barrier when a core is busy
 
 
 def encode(tokenizer: Tokenizer, problems: list[tasks.Problem]) -> list[tuple[list[int], int]]:
@@ -99,10 +104,31 @@ def level_at(step: int, cfg: TrainConfig) -> int:
     return min(tasks.MAX_LEVEL, 1 + (tasks.MAX_LEVEL - 1) * step // ramp)
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, target: torch.Tensor, ahead: int) -> torch.Tensor:
-    """Cross-entropy of position i predicting token i+ahead, over target tokens only."""
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, target: torch.Tensor, ahead: int, total: int) -> torch.Tensor:
+    """Cross-entropy of position i predicting token i+ahead, summed over target tokens and divided by
+    `total`, the number of such tokens in the whole batch (all workers' shards together)."""
     labels = ids[:, ahead:].masked_fill(~target[:, ahead:], -100)
-    return F.cross_entropy(logits[:, : labels.shape[1]].flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss = F.cross_entropy(logits[:, : labels.shape[1]].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss / total
+
+
+def shard(batch: tuple[torch.Tensor, ...], rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    """Every `world`-th row from `rank`, trimmed to its own longest sequence."""
+    ids, valid, target = (t[rank::world] for t in batch)
+    t = int(valid.sum(1).max())
+    return ids[:, :t], valid[:, :t], target[:, :t]
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum tensors in place across workers, in one flat message."""
+    if not dist.is_initialized():
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -123,27 +149,40 @@ def optimizer_for(model: DemoModel, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def train(model: DemoModel, tokenizer: Tokenizer, seed: int, cfg: TrainConfig, families=tasks.FAMILIES) -> None:
+    """The training loop. Under data parallelism every worker draws the same batches and trains on
+    its shard; summed gradients and expert loads keep all replicas identical."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     opt = optimizer_for(model, cfg)
+    params = list(model.parameters())
+    for p in params:  # every gradient exists from the start, even of an expert no token picked
+        p.grad = torch.zeros_like(p)
     model.train()
     start = time.time()
     data = Batches(tokenizer, seed, cfg, families)
     for step in range(cfg.steps):
-        ids, valid, target = data.next(level_at(step, cfg))
+        batch = data.next(level_at(step, cfg))
+        ahead = [1] + [k + 2 for k in range(model.cfg.num_nextn_predict_layers)]
+        totals = [max(1, int(batch[2][:, a:].sum())) for a in ahead]
+        ids, valid, target = shard(batch, rank, world)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         logits, mtp_logits = model(ids, valid)
-        loss = lm_loss(logits, ids, target, ahead=1)
-        mtp_loss = sum(lm_loss(lg, ids, target, ahead=k + 2) for k, lg in enumerate(mtp_logits))
+        loss = lm_loss(logits, ids, target, 1, totals[0])
+        mtp_loss = sum(lm_loss(lg, ids, target, a, n) for lg, a, n in zip(mtp_logits, ahead[1:], totals[1:]))
         (loss + cfg.mtp_weight * mtp_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        all_reduce_sum([p.grad for p in params] + [m.load for m in model.moe_layers()])
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
         model.update_router_biases(cfg.bias_gamma)
         if step % 100 == 0 or step == cfg.steps - 1:
-            logger.info(
-                "step %d/%d loss %.4f mtp %.4f lr %.2e %.0fs",
-                step, cfg.steps, loss.item(), mtp_loss.item(), lr_at(step, cfg), time.time() - start,
-            )
+            losses = torch.stack([loss.detach(), mtp_loss.detach()])
+            all_reduce_sum([losses])
+            if rank == 0:
+                logger.info(
+                    "step %d/%d loss %.4f mtp %.4f lr %.2e %.0fs",
+                    step, cfg.steps, losses[0], losses[1], lr_at(step, cfg), time.time() - start,
+                )
 
 
 def save_model(model: DemoModel, out: Path) -> None:
@@ -159,18 +198,41 @@ def save_model(model: DemoModel, out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def build(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None) -> DemoModel:
-    torch.set_num_threads(cfg.threads)
+def build(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None, rank: int = 0) -> None:
+    """Tokenizer, model and training; every worker runs this, worker 0 writes the directory."""
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
     corpus = tasks.TrainingStream(seed + 2).take(TOKENIZER_CORPUS)
     tokenizer = train_tokenizer(p.prompt + "\n" + p.completion for p in corpus)
     model = DemoModel(DemoConfig(vocab_size=tokenizer.get_vocab_size(), **(model_cfg or {})))
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("vocab %d, %d parameters (%.2fM)", tokenizer.get_vocab_size(), n_params, n_params / 1e6)
+    if rank == 0:
+        logger.info("vocab %d, %d parameters (%.2fM)", tokenizer.get_vocab_size(), n_params, n_params / 1e6)
     train(model, tokenizer, seed, cfg)
-    save_model(model, out)
-    save_tokenizer(tokenizer, out, model_max_length=model.cfg.max_position_embeddings)
-    return model
+    if rank == 0:
+        save_model(model, out)
+        save_tokenizer(tokenizer, out, model_max_length=model.cfg.max_position_embeddings)
+
+
+def _worker(rank: int, port: int, out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=cfg.workers)
+    try:
+        build(out, seed, cfg, model_cfg, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None) -> None:
+    """Train with `cfg.workers` data-parallel processes (or in this process when there is one)."""
+    if cfg.workers == 1:
+        build(out, seed, cfg, model_cfg)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, out, seed, cfg, model_cfg), nprocs=cfg.workers)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,13 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--threads", type=int, default=TrainConfig.threads)
+    parser.add_argument("--workers", type=int, default=TrainConfig.workers, help="data-parallel processes")
     parser.add_argument("--model", type=json.loads, default=None, help="DemoConfig overrides as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, workers=args.workers)
     start = time.time()
-    build(args.out, args.seed, cfg, args.model)
+    run(args.out, args.seed, cfg, args.model)
     logger.info("wrote %s in %.1f minutes", args.out, (time.time() - start) / 60)
 
 

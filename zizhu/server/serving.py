@@ -184,16 +184,20 @@ async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIte
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def sampling_params(request: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """Map OpenAI fields to SamplingParams; unset fields keep OpenAI's defaults."""
+def sampling_params(
+    request: SamplingFields, max_tokens: int | None, logprobs: int | None, defaults: dict | None = None
+) -> SamplingParams:
+    """Map OpenAI fields to SamplingParams. Unset temperature / top_p / top_k take the checkpoint's
+    generation_config (`defaults`), then OpenAI's defaults."""
+    defaults = defaults or {}
     if request.logit_bias:
         raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     return SamplingParams(
         n=request.n,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
-        top_k=request.top_k or 0,
+        temperature=defaults.get("temperature", 1.0) if request.temperature is None else request.temperature,
+        top_p=defaults.get("top_p", 1.0) if request.top_p is None else request.top_p,
+        top_k=defaults.get("top_k", 0) if request.top_k is None else request.top_k,
         min_p=request.min_p or 0.0,
         repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
         presence_penalty=request.presence_penalty or 0.0,
