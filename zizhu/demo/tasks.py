@@ -12,7 +12,8 @@ and both parts are fully determined by the problem, so greedy decoding has exact
 
 The reasoning is written so that every step is a short, local lookup for a small model: column
 arithmetic runs from the units digit up, and the partial result is rebuilt on each line (so the
-answer never has to be reversed in one go); words are spelled with explicit letter indices.
+answer never has to be reversed in one go); words and the rest of a word are
+written one letter per token, as the prompt has them.
 
 Train/test split: every problem has a key (its operands, its list, its word). A hash of the key puts it
 in the held-out bucket or not, so a held-out problem is never generated for training, and the split

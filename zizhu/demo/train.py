@@ -159,9 +159,9 @@ def train(model: DemoModel, tokenizer: Tokenizer, seed: int, cfg: TrainConfig, f
     model.train()
     start = time.time()
     data = Batches(tokenizer, seed, cfg, families)
+    ahead = [1] + [k + 2 for k in range(model.cfg.num_nextn_predict_layers)]  # main head, then each MTP depth
     for step in range(cfg.steps):
         batch = data.next(level_at(step, cfg))
-        ahead = [1] + [k + 2 for k in range(model.cfg.num_nextn_predict_layers)]
         totals = [max(1, int(batch[2][:, a:].sum())) for a in ahead]
         ids, valid, target = shard(batch, rank, world)
         for group in opt.param_groups:

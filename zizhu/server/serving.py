@@ -65,6 +65,11 @@ class ServingContext:
         self.metrics = metrics
 
     @property
+    def generation_defaults(self) -> dict:
+        """The checkpoint's sampling defaults (generation_config.json) for fields a request leaves unset."""
+        return self.engine.model_config.generation_defaults
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 

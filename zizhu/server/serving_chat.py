@@ -169,7 +169,7 @@ class ChatHandler:
         prompt_ids = self.ctx.tokenizer.encode(prompt, add_special_tokens=False)
         top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
         max_tokens = request.max_completion_tokens or request.max_tokens
-        params = sampling_params(request, max_tokens, top_logprobs, self.ctx.engine.model_config.generation_defaults)
+        params = sampling_params(request, max_tokens, top_logprobs, self.ctx.generation_defaults)
         request_id = random_id("chatcmpl")
         generation = await self.ctx.start("chat", [(request_id, prompt_ids, params, prompt)])
 

@@ -86,7 +86,7 @@ class CompletionHandler:
         model = self.ctx.served_name(request.model)
         self._check_unsupported(request)
         prompts = self._prompts(request)
-        params = sampling_params(request, request.max_tokens, request.logprobs, self.ctx.engine.model_config.generation_defaults)
+        params = sampling_params(request, request.max_tokens, request.logprobs, self.ctx.generation_defaults)
         request_id = random_id("cmpl")
         generation = await self.ctx.start(
             "completions", [(f"{request_id}-{i}", ids, params, text) for i, (ids, text) in enumerate(prompts)]
