@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", choices=list(checkpoints.SPECS))
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default=None)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1)
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = checkpoints.build(args.model)
     max_len = args.prompt + args.tokens + 8
     kv_bytes = 2 * 4 * max_len * args.batch * (2**20 // 16)  # generous: 128 KiB per token, x2 for blocks
-    llm = LLM(ckpt, dtype=args.dtype, max_model_len=max_len, max_num_seqs=args.batch, kv_cache_memory=kv_bytes)
+    llm = LLM(ckpt, dtype=args.dtype, quantization=args.quantization, max_model_len=max_len, max_num_seqs=args.batch, kv_cache_memory=kv_bytes)
     prompts = Prompts(7)
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)

@@ -38,6 +38,32 @@ def test_paged_mla_decode(platform, dtype):
     torch.testing.assert_close(got.cpu()[0].float(), p @ ctx[:, :rank], **_tolerance(dtype))
 
 
+@pytest.mark.parametrize("batch", [1, 3, 9])
+def test_mla_decode_absorbed(platform, batch):
+    """Absorbed decode equals attention with K/V decompressed by kv_b_proj, per sequence."""
+    g = torch.Generator().manual_seed(5)
+    heads, nope, rope, v, rank, bs = 4, 12, 8, 10, 40, 4
+    cache = torch.randn(40, bs, rank + rope, generator=g)
+    tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(batch)])
+    seq_lens = torch.randint(1, 6 * bs + 1, (batch,), generator=g)
+    q = torch.randn(batch, heads, nope + rope, generator=g)  # nope and rope parts are strided views of it
+    w_uk = torch.randn(heads, nope, rank, generator=g) * 0.2
+    w_uv = torch.randn(heads, v, rank, generator=g) * 0.2
+    dev = platform.device
+    got = platform.mla_decode(
+        q[..., :nope].to(dev), q[..., nope:].to(dev), w_uk.to(dev), w_uv.to(dev), cache.to(dev),
+        tables.to(dev), seq_lens.to(dev), 0.3,
+    ).cpu()
+    assert got.shape == (batch, heads, v)
+    for b in range(batch):
+        ctx = cache[tables[b]].reshape(-1, rank + rope)[: seq_lens[b]]
+        k_nope = torch.einsum("lr,hnr->lhn", ctx[:, :rank], w_uk)
+        values = torch.einsum("lr,hvr->lhv", ctx[:, :rank], w_uv)
+        scores = (torch.einsum("hn,lhn->hl", q[b, :, :nope], k_nope) + q[b, :, nope:] @ ctx[:, rank:].T) * 0.3
+        want = torch.einsum("hl,lhv->hv", torch.softmax(scores, dim=-1), values)
+        torch.testing.assert_close(got[b], want, atol=1e-4, rtol=1e-4)
+
+
 def test_mla_prefill_with_cached_prefix(platform):
     g = torch.Generator().manual_seed(1)
     heads, nope, rope, v, rank = 4, 16, 8, 16, 32
@@ -76,6 +102,10 @@ def test_rms_norm_and_cache_write(platform):
     w = torch.rand(8)
     want = w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(platform.rms_norm(x, w, 1e-6).cpu(), want)
+    wide = torch.randn(2, 5, 300)  # a strided slice, as the split of c_kv from k_pe gives
+    part, w = wide[..., :257], torch.rand(257)
+    want = w * part / torch.sqrt(part.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(platform.rms_norm(part.to(platform.device), w.to(platform.device), 1e-6).cpu(), want)
     cache = platform.allocate_kv_cache(1, 4, 2, 8, torch.float32)[0]
     platform.write_kv_cache(cache, torch.tensor([5, 0]), x[:2])
     torch.testing.assert_close(cache[2, 1].cpu(), x[0])

@@ -71,18 +71,10 @@ class MLAttention(nn.Module):
         out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
         n_dec = batch.num_decodes
         if n_dec:
-            # Absorbed attention runs in fp32: q_latent sums over nope dims and the scores over the
-            # latent, so rounding them to bf16 can flip a peaky head between near-equal keys.
-            q_latent = torch.einsum("thn,hnr->thr", q_nope[:n_dec].float(), self.w_uk)  # [B, H, R]
-            o_latent = self.platform.paged_mla_decode(
-                torch.cat([q_latent, q_pe[:n_dec].float()], dim=-1),
-                cache,
-                batch.block_tables[:n_dec],
-                batch.seq_lens[:n_dec],
-                self.kv_lora_rank,
-                self.scale,
-            )
-            out[:n_dec] = torch.einsum("thr,hvr->thv", o_latent.float(), self.w_uv).to(out.dtype)
+            out[:n_dec] = self.platform.mla_decode(
+                q_nope[:n_dec], q_pe[:n_dec], self.w_uk, self.w_uv, cache,
+                batch.block_tables[:n_dec], batch.seq_lens[:n_dec], self.scale,
+            ).to(out.dtype)
         if n_dec < len(batch.seq_lens_cpu):
             q_full = torch.cat([q_nope, q_pe], dim=-1)
             for s, start, end, length in batch.prefills():

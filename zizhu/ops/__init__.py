@@ -4,9 +4,9 @@ They are correct on any device and define the semantics a platform's own kernels
 (the conformance tests compare against them). Platforms pick them up through `Platform`.
 """
 
-from zizhu.ops.attention import mla_prefill, paged_mla_decode, write_kv_cache
+from zizhu.ops.attention import mla_decode, mla_prefill, paged_mla_decode, write_kv_cache
 from zizhu.ops.linear import int8_linear
 from zizhu.ops.moe import moe_experts
 from zizhu.ops.norm import rms_norm
 
-__all__ = ["int8_linear", "mla_prefill", "paged_mla_decode", "write_kv_cache", "moe_experts", "rms_norm"]
+__all__ = ["int8_linear", "mla_decode", "mla_prefill", "paged_mla_decode", "write_kv_cache", "moe_experts", "rms_norm"]

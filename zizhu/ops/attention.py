@@ -43,6 +43,29 @@ def paged_mla_decode(
     return torch.bmm(probs, context[..., :kv_lora_rank])  # [B, H, R] in the query's dtype
 
 
+def mla_decode(
+    q_nope: torch.Tensor,  # [B, H, D_nope]
+    q_pe: torch.Tensor,  # [B, H, P], roped
+    w_uk: torch.Tensor,  # [H, D_nope, R]: the key half of kv_b_proj, per head
+    w_uv: torch.Tensor,  # [H, D_v, R]: the value half
+    cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    paged_attention=paged_mla_decode,  # a platform passes its own latent attention
+) -> torch.Tensor:
+    """Weight-absorbed decode, one query token per sequence: returns `[B, H, D_v]` in fp32.
+
+    Runs in fp32 whatever the model dtype: q_latent sums over the nope dims and the scores over the
+    latent, so rounding them to bf16 can flip a peaky head between near-equal keys.
+    """
+    q_latent = torch.einsum("bhn,hnr->bhr", q_nope.float(), w_uk.float())
+    o_latent = paged_attention(
+        torch.cat([q_latent, q_pe.float()], dim=-1), cache, block_tables, seq_lens, w_uk.shape[-1], scale
+    )
+    return torch.einsum("bhr,hvr->bhv", o_latent.float(), w_uv.float())
+
+
 def mla_prefill(
     q: torch.Tensor,  # [Q, H, D_nope + P] queries of one sequence, the last Q positions of its context
     context: torch.Tensor,  # [L, R + P] the sequence's cached latent rows, new tokens included

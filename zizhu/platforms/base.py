@@ -1,7 +1,7 @@
 """The platform seam: everything device-specific that the engine and models need.
 
 A vendor adds a chip by subclassing `Platform` and overriding what its hardware does better:
-the hot ops (paged MLA decode, MLA prefill, MoE experts, RMSNorm, KV-cache writes), the KV-cache
+the hot ops (paged MLA decode, absorbed or not, MLA prefill, MoE experts, RMSNorm, KV-cache writes), the KV-cache
 layout and allocation, memory queries, graph capture and the torch.distributed backend. Every
 default here is a correct reference, so a new platform works first and gets fast second. Prove a
 platform with `tests/platforms/test_conformance.py`, which checks its ops against the references.
@@ -66,6 +66,13 @@ class Platform:
     mla_prefill = staticmethod(ops.mla_prefill)
     moe_experts = staticmethod(ops.moe_experts)
     int8_linear = staticmethod(ops.int8_linear)
+
+    def mla_decode(self, q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale) -> torch.Tensor:
+        """Absorbed MLA decode, `[B, H, D_v]` fp32 (see `ops.mla_decode`). By default the query
+        absorption and output projection run in torch around `paged_mla_decode`; override to fuse."""
+        return ops.mla_decode(
+            q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale, paged_attention=self.paged_mla_decode
+        )
 
     # ------------------------------------------------------------------ graphs
     def capture_graph(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -55,6 +55,23 @@ class CpuPlatform(Platform):
             return cpu_kernels.int8_linear(lib, x, qweight, scale)
         return ops.int8_linear(x, qweight, scale)
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        lib = cpu_kernels.load()
+        if lib is not None and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous():
+            return cpu_kernels.rms_norm(lib, x, weight, eps)
+        return ops.rms_norm(x, weight, eps)
+
+    def mla_decode(self, q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale):
+        lib = cpu_kernels.load()
+        if (
+            lib is not None
+            and cache.dtype == q_nope.dtype == q_pe.dtype == w_uk.dtype == w_uv.dtype == torch.float32
+            and cache.is_contiguous() and w_uk.is_contiguous() and w_uv.is_contiguous()
+            and block_tables.dtype == seq_lens.dtype == torch.int64
+        ):
+            return cpu_kernels.mla_decode(lib, q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale)
+        return super().mla_decode(q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale)
+
     def moe_experts(self, x, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
         lib = cpu_kernels.load()
         if lib is not None and w13_scale is not None and x.dtype == torch.float32 and w13_scale.dtype == torch.float32:

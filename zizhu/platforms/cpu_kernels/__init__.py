@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-Only plain C with OpenMP: no torch headers, so a build takes about a second. When no compiler or
-no AVX2 is available, `load()` returns None and the platform keeps the reference ops.
+Only plain C with OpenMP: no torch headers, so a build takes a few seconds. When no compiler or
+no AVX2 is available, `load()` returns None and the platform keeps the reference ops. Each kernel
+replaces a run of small torch operators whose dispatch, not arithmetic, dominated decode time.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int8_gemm.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("int8_gemm.c", "mla_decode.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -36,7 +37,7 @@ def load() -> ctypes.CDLL | None:
     if cc is None:
         logger.info("no C compiler found: using reference int8 matmul")
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     digest = hashlib.sha256(source + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
     target = _cache_dir() / f"int8_gemm-{digest}.so"
@@ -44,7 +45,7 @@ def load() -> ctypes.CDLL | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+            result = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(built), "-lm"], capture_output=True, text=True)
             if result.returncode != 0:
                 logger.info("native int8 kernel not built (%s): using reference int8 matmul", result.stderr.strip()[:200])
                 return None
@@ -53,7 +54,14 @@ def load() -> ctypes.CDLL | None:
     lib.int8_gemm_f32.restype = None
     lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.int8_moe_f32.restype = None
-    lib.int8_moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.int8_moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.mla_decode_f32.restype = None
+    lib.mla_decode_f32.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
+        + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
+    )
+    lib.rms_norm_f32.restype = None
+    lib.rms_norm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -79,20 +87,57 @@ def int8_moe(
     topk_weights: torch.Tensor,  # [T, K]
     w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
 ) -> torch.Tensor:
-    """All routed experts of a layer in one native call; tokens are grouped by expert first."""
+    """All routed experts of a layer, grouping and weighted sum included, in one native call."""
     num_tokens, top_k = topk_ids.shape
     num_experts, two_inter, hidden = w13.shape
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token_of = order // top_k
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(flat, minlength=num_experts), 0, out=offsets[1:])
-    xs = x.index_select(0, token_of).contiguous()
-    ys = torch.empty_like(xs)
-    h = torch.empty(xs.shape[0], two_inter, dtype=torch.float32)
+    x = x.contiguous()
+    ids = topk_ids.to(torch.int64).contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    out = torch.empty_like(x)
     lib.int8_moe_f32(
-        xs.data_ptr(), ys.data_ptr(), h.data_ptr(), offsets.data_ptr(), num_experts,
+        x.data_ptr(), out.data_ptr(), ids.data_ptr(), weights.data_ptr(), num_tokens, top_k, num_experts,
         w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(), hidden, two_inter // 2, torch.get_num_threads(),
     )
-    ys.mul_(topk_weights.reshape(-1)[order].to(torch.float32)[:, None])
-    return torch.zeros_like(x).index_add_(0, token_of, ys)
+    return out
+
+
+def mla_decode(
+    lib: ctypes.CDLL,
+    q_nope: torch.Tensor,  # [B, H, Dn] fp32
+    q_pe: torch.Tensor,  # [B, H, P] fp32, roped
+    w_uk: torch.Tensor,  # [H, Dn, R] fp32
+    w_uv: torch.Tensor,  # [H, Dv, R] fp32
+    cache: torch.Tensor,  # [num_blocks, block_size, R + P] fp32
+    block_tables: torch.Tensor,  # [B, max_blocks] int64
+    seq_lens: torch.Tensor,  # [B] int64
+    scale: float,
+) -> torch.Tensor:
+    """Absorbed MLA decode for one query token per sequence: `[B, H, Dv]` fp32."""
+    batch, heads, nope = q_nope.shape
+    _, value, rank = w_uv.shape
+    rope = q_pe.shape[-1]
+    if q_nope.stride(-1) != 1:
+        q_nope = q_nope.contiguous()
+    if q_pe.stride(-1) != 1:
+        q_pe = q_pe.contiguous()
+    tables = block_tables.contiguous()
+    lens = seq_lens.contiguous()
+    scratch = torch.empty(2, batch, heads, rank, dtype=torch.float32)
+    out = torch.empty(batch, heads, value, dtype=torch.float32)
+    lib.mla_decode_f32(
+        q_nope.data_ptr(), q_nope.stride(0), q_nope.stride(1), q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1),
+        w_uk.data_ptr(), w_uv.data_ptr(), cache.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
+        scratch[0].data_ptr(), scratch[1].data_ptr(), out.data_ptr(),
+        batch, heads, nope, value, rank, rope, cache.shape[1], scale, torch.get_num_threads(),
+    )
+    return out
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=torch.float32)
+    lib.rms_norm_f32(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), x2.shape[0], x2.shape[1], eps, torch.get_num_threads())
+    return out.view(shape)

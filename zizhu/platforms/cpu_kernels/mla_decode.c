@@ -1,0 +1,122 @@
+/* Weight-absorbed MLA decode over the paged latent cache, one new query token per sequence, fp32.
+ *
+ * out[b, h] = W_UV[h] . softmax(scale * [W_UK[h]^T q_nope[b, h] | q_pe[b, h]] . rows^T) . c_kv rows
+ *
+ * In torch this is ~12 operators per layer (two einsums, a gather that copies the whole context,
+ * two bmms, mask, softmax); at batch 1 their dispatch costs more than their arithmetic. Three
+ * phases share one parallel region:
+ * 1. absorb q: per head, so each W_UK[h] row is read from memory once for the whole batch;
+ * 2. attend: per (sequence, group of heads), so each cached row is read once for the group;
+ * 3. project out: per head, W_UV[h] rows read once for the whole batch.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+static float dot(const float* a, const float* b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static void axpy(float a, const float* x, float* y, int64_t n) {
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* Attention of heads [h0, h1) of sequence b; q_lat rows are [B, H, R], o_lat likewise. */
+static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const float* q_pe, int64_t qp_sb,
+                   int64_t qp_sh, const float* cache, const int64_t* tables, int64_t table_stride, int64_t len,
+                   float* o_lat, float* scores, int64_t H, int64_t R, int64_t P, int64_t block_size, float scale) {
+    const int64_t W = R + P, nh = h1 - h0;
+    const int64_t* table = tables + b * table_stride;
+    for (int64_t j = 0; j < len; j++) {
+        const float* row = cache + (table[j / block_size] * block_size + j % block_size) * W;
+        for (int64_t h = h0; h < h1; h++) {
+            const float s = dot(q_lat + (b * H + h) * R, row, R) + dot(q_pe + b * qp_sb + h * qp_sh, row + R, P);
+            scores[(h - h0) * len + j] = s * scale;
+        }
+    }
+    for (int64_t i = 0; i < nh; i++) {
+        float* s = scores + i * len;
+        float m = -INFINITY, total = 0.0f;
+        for (int64_t j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
+        for (int64_t j = 0; j < len; j++) total += (s[j] = expf(s[j] - m));
+        const float inv = 1.0f / total;
+        for (int64_t j = 0; j < len; j++) s[j] *= inv;
+        float* o = o_lat + (b * H + h0 + i) * R;
+        for (int64_t r = 0; r < R; r++) o[r] = 0.0f;
+    }
+    for (int64_t j = 0; j < len; j++) {
+        const float* row = cache + (table[j / block_size] * block_size + j % block_size) * W;
+        for (int64_t i = 0; i < nh; i++) axpy(scores[i * len + j], row, o_lat + (b * H + h0 + i) * R, R);
+    }
+}
+
+void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H, Dn], last dim dense */
+                    const float* q_pe, int64_t qp_sb, int64_t qp_sh,    /* [B, H, P], last dim dense */
+                    const float* w_uk, const float* w_uv,              /* [H, Dn, R], [H, Dv, R] */
+                    const float* cache, const int64_t* tables, int64_t table_stride, const int64_t* seq_lens,
+                    float* q_lat, float* o_lat, float* out,            /* scratch [B, H, R] x2, out [B, H, Dv] */
+                    int64_t B, int64_t H, int64_t Dn, int64_t Dv, int64_t R, int64_t P, int64_t block_size,
+                    float scale, int threads) {
+    int64_t max_len = 0;
+    for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    /* enough (sequence, head group) items to keep every thread busy, in groups that divide H */
+    int64_t groups = 1;
+    while (groups < H && (B * groups < 2 * threads || H % groups != 0)) groups++;
+    const int64_t per_group = H / groups;
+
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t b = 0; b < B; b++) {
+                float* q = q_lat + (b * H + h) * R;
+                for (int64_t r = 0; r < R; r++) q[r] = 0.0f;
+            }
+            for (int64_t n = 0; n < Dn; n++) {
+                const int64_t row = (h * Dn + n) * R;
+                for (int64_t b = 0; b < B; b++) {
+                    const float a = q_nope[b * qn_sb + h * qn_sh + n];
+                    axpy(a, w_uk + row, q_lat + (b * H + h) * R, R);
+                }
+            }
+        }
+        float* scores = malloc(sizeof(float) * per_group * (max_len > 0 ? max_len : 1));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < B * groups; item++) {
+            const int64_t b = item / groups, h0 = (item % groups) * per_group;
+            attend(b, h0, h0 + per_group, q_lat, q_pe, qp_sb, qp_sh, cache, tables, table_stride, seq_lens[b], o_lat,
+                   scores, H, R, P, block_size, scale);
+        }
+        free(scores);
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t v = 0; v < Dv; v++) {
+                const int64_t row = (h * Dv + v) * R;
+                for (int64_t b = 0; b < B; b++) {
+                    const float* o = o_lat + (b * H + h) * R;
+                    out[(b * H + h) * Dv + v] = dot(w_uv + row, o, R);
+                }
+            }
+    }
+}
