@@ -33,6 +33,7 @@ class MLAttention(nn.Module):
         self.rope_dim = cfg.qk_rope_head_dim
         self.v_dim = cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
+        self.q_lora_rank = cfg.q_lora_rank
         self.scale = cfg.softmax_scale
         q_out = self.num_heads * cfg.qk_head_dim
         if cfg.q_lora_rank:
@@ -49,6 +50,20 @@ class MLAttention(nn.Module):
         self.w_uk: torch.Tensor | None = None  # [H, nope, R] fp32, derived from kv_b_proj after loading
         self.w_uv: torch.Tensor | None = None  # [H, v, R] fp32
 
+    def fuse_input_projections(self) -> None:
+        """One matmul for q_a_proj and kv_a_proj_with_mqa: both read the same normalised input, so
+        decode streams the two weights in one pass and pays one dispatch."""
+        if not hasattr(self, "q_a_proj"):
+            return
+        q_a, kv_a = self.q_a_proj, self.kv_a_proj_with_mqa
+        fused = _linear(q_a.in_features, q_a.out_features + kv_a.out_features, q_a.weight.dtype, q_a.bias is not None)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([q_a.weight, kv_a.weight]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([q_a.bias, kv_a.bias]))
+        self.q_kv_a_proj = fused
+        del self.q_a_proj, self.kv_a_proj_with_mqa
+
     def absorb(self) -> None:
         """Split kv_b_proj into the per-head up-projections that decode folds into q and o."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
@@ -59,11 +74,16 @@ class MLAttention(nn.Module):
         num_tokens = x.shape[0]
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
+            kv_a = self.kv_a_proj_with_mqa(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            if hasattr(self, "q_kv_a_proj"):
+                q_a, kv_a = self.q_kv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], dim=-1)
+            else:
+                q_a, kv_a = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe)
         self.platform.write_kv_cache(cache, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))

@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from zizhu.layers.moe import Experts
+from zizhu.layers.moe import MLP, Experts
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,28 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+class Int8MLP(nn.Module):
+    """A SwiGLU MLP (dense layer or shared expert) as a single always-chosen int8 expert, so the
+    platform runs gate, up, SiLU and down in one MoE call instead of three matmuls and two ops."""
+
+    def __init__(self, mlp: MLP, platform):
+        super().__init__()
+        w13 = torch.cat([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])[None]
+        q13, s13 = quantize_int8_rows(w13)
+        q2, s2 = quantize_int8_rows(mlp.down_proj.weight.data[None])
+        dtype = mlp.down_proj.weight.dtype
+        self.register_buffer("w13", q13)
+        self.register_buffer("w13_scale", s13.to(dtype))
+        self.register_buffer("w2", q2)
+        self.register_buffer("w2_scale", s2.to(dtype))
+        self.platform = platform
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
+        weights = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+        return self.platform.moe_experts(x, ids, weights, self.w13, self.w2, self.w13_scale, self.w2_scale)
+
+
 def quantize_experts(experts: Experts) -> None:
     """Replace stacked expert weights by int8 with per-(expert, row) scales, in place."""
     for name in ("w13", "w2"):
@@ -59,12 +81,20 @@ def quantize_model(model: nn.Module, method: str, platform) -> None:
 
         raise ConfigError(f"quantization {method!r} is not supported (supported: {', '.join(SUPPORTED)})")
     count = 0
-    for parent in list(model.modules()):
+
+    def visit(parent: nn.Module) -> None:
+        nonlocal count
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child_name not in KEEP_FULL_PRECISION:
+            if isinstance(child, MLP):
+                setattr(parent, child_name, Int8MLP(child, platform))
+            elif isinstance(child, nn.Linear) and child_name not in KEEP_FULL_PRECISION:
                 setattr(parent, child_name, Int8Linear(child, platform))
-                count += 1
             elif isinstance(child, Experts):
                 quantize_experts(child)
-                count += 1
-    logger.info("quantized %d linear and expert blocks to int8 (weight-only)", count)
+            else:
+                visit(child)
+                continue
+            count += 1
+
+    visit(model)
+    logger.info("quantized %d linear, MLP and expert blocks to int8 (weight-only)", count)

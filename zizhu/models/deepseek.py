@@ -115,6 +115,7 @@ class DeepseekForCausalLM(nn.Module):
             logger.warning("ignored %d unexpected tensors, e.g. %s", len(skipped), skipped[:3])
         for layer in self.model.layers:
             layer.self_attn.absorb()
+            layer.self_attn.fuse_input_projections()
 
     def _load_expert(self, params, prefix: str, expert: int, part: str, name: str, tensor: torch.Tensor) -> None:
         w13, w2 = params[f"{prefix}.w13"], params[f"{prefix}.w2"]

@@ -151,7 +151,7 @@ void int8_moe_f32(const float* x, float* out, const int64_t* ids, const float* w
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < P; r++)
             for (int64_t d = 0; d < D; d++) xs[r * D + d] = x[source[r] * D + d];
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, 64)
         for (int64_t j = 0; j < num_active * pairs13; j++) {
             const int64_t e = active[j / pairs13], n0 = 2 * (j % pairs13), p0 = offsets[e];
             gemm_cols(xs + p0 * D, w13 + e * 2 * I * D, s13 + e * 2 * I, h + p0 * 2 * I, offsets[e + 1] - p0, D, D,
@@ -165,7 +165,7 @@ void int8_moe_f32(const float* x, float* out, const int64_t* ids, const float* w
                 row[i] = g / (1.0f + expf(-g)) * row[I + i];
             }
         }
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, 64)
         for (int64_t j = 0; j < num_active * pairs2; j++) {
             const int64_t e = active[j / pairs2], n0 = 2 * (j % pairs2), p0 = offsets[e];
             const int64_t n1 = n0 + 2 < D ? n0 + 2 : D;
