@@ -39,3 +39,52 @@ def test_unknown_quantization(tiny_checkpoints):
     path, _ = tiny_checkpoints["tiny_deepseek_v3"]
     with pytest.raises(ConfigError, match="quantization"):
         LLM(path, kv_cache_memory=1 << 20, quantization="int3")
+
+
+
+def test_layers_quantize_while_loading(tiny_checkpoints, monkeypatch):
+    """Each decoder layer is quantized as soon as its last tensor is read, while later layers are
+    still unloaded (so full-precision weights never all exist at once), and the result equals
+    quantizing after a full-precision load."""
+    import zizhu.loader as loader
+    from zizhu.config import ModelConfig
+    from zizhu.layers.quant import quantize_model
+    from zizhu.platforms import get_platform
+
+    path, _ = tiny_checkpoints["tiny_deepseek_v3"]
+    cfg = ModelConfig.from_dir(path)
+    platform = get_platform()
+    calls = []
+
+    def recording(module, method, platform):
+        calls.append(type(module).__name__)
+        if calls[-1] == "DecoderLayer":
+            later_loaded = [layer.self_attn.w_uk is not None for layer in model_layers[0]]
+            calls[-1] += f" ({sum(later_loaded)} layers loaded)"
+        quantize_model(module, method, platform)
+
+    model_layers = []
+    original_load = loader.model_class
+
+    def model_class(config):
+        cls = original_load(config)
+
+        class Recorded(cls):
+            def load_weights(self, weights, on_layer_loaded=None):
+                model_layers.append(self.model.layers)
+                return super().load_weights(weights, on_layer_loaded)
+
+        return Recorded
+
+    monkeypatch.setattr(loader, "quantize_model", recording)
+    monkeypatch.setattr(loader, "model_class", model_class)
+    during = loader.load_model(path, cfg, platform, torch.float32, "int8")
+    layers = cfg.num_hidden_layers
+    assert calls == [f"DecoderLayer ({i + 1} layers loaded)" for i in range(layers)] + ["Recorded"]
+    monkeypatch.undo()
+    after = loader.load_model(path, cfg, platform, torch.float32)
+    quantize_model(after, "int8", platform)
+    a, b = during.state_dict(), after.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)

@@ -18,7 +18,6 @@ from zizhu.engine.kv_cache import BlockManager
 from zizhu.engine.request import Request, Status
 from zizhu.engine.runner import ModelRunner
 from zizhu.engine.sampler import SampledLogprobs, Sampler
-from zizhu.layers.quant import quantize_model
 from zizhu.engine.scheduler import Scheduler
 from zizhu.errors import ConfigError, EmptyPromptError, InvalidRequestError, PromptTooLongError
 from zizhu.loader import load_model, resolve_model_path
@@ -87,9 +86,7 @@ class LLMEngine:
         self.dtype = dtype
         self.tokenizer = tokenizer
         platform.configure()
-        self.model = load_model(model_dir, model_config, platform, dtype)
-        if engine_config.quantization:
-            quantize_model(self.model, engine_config.quantization, platform)
+        self.model = load_model(model_dir, model_config, platform, dtype, engine_config.quantization)
         self.max_model_len, num_blocks = self._size_kv_cache()
         bs = engine_config.block_size
         kv_caches = platform.allocate_kv_cache(model_config.num_hidden_layers, num_blocks, bs, model_config.kv_latent_dim, dtype)

@@ -75,11 +75,16 @@ def quantize_experts(experts: Experts) -> None:
         experts.register_buffer(f"{name}_scale", scale.to(dtype))
 
 
-def quantize_model(model: nn.Module, method: str, platform) -> None:
+def check_method(method: str) -> None:
     if method not in SUPPORTED:
         from zizhu.errors import ConfigError
 
         raise ConfigError(f"quantization {method!r} is not supported (supported: {', '.join(SUPPORTED)})")
+
+
+def quantize_model(model: nn.Module, method: str, platform) -> None:
+    """Quantize, in place, every full-precision block under `model` (blocks already done are left)."""
+    check_method(method)
     count = 0
 
     def visit(parent: nn.Module) -> None:
@@ -89,7 +94,7 @@ def quantize_model(model: nn.Module, method: str, platform) -> None:
                 setattr(parent, child_name, Int8MLP(child, platform))
             elif isinstance(child, nn.Linear) and child_name not in KEEP_FULL_PRECISION:
                 setattr(parent, child_name, Int8Linear(child, platform))
-            elif isinstance(child, Experts):
+            elif isinstance(child, Experts) and child.w13.dtype != torch.int8:
                 quantize_experts(child)
             else:
                 visit(child)
@@ -97,4 +102,4 @@ def quantize_model(model: nn.Module, method: str, platform) -> None:
             count += 1
 
     visit(model)
-    logger.info("quantized %d linear, MLP and expert blocks to int8 (weight-only)", count)
+    logger.debug("quantized %d linear, MLP and expert blocks to int8 (weight-only)", count)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -71,51 +71,87 @@ class DeepseekForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     # ------------------------------------------------------------------ loading
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors in; raise CheckpointError naming any missing or mis-shaped tensor."""
+    def load_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]], on_layer_loaded: Callable[[nn.Module], None] | None = None
+    ) -> None:
+        """Copy checkpoint tensors in; raise CheckpointError naming any missing or mis-shaped tensor.
+
+        A decoder layer is finished (absorbed MLA weights derived, projections fused, then
+        `on_layer_loaded`) as soon as its last tensor arrives, so a caller that quantizes there
+        frees each layer's full-precision weights before the next one is read: peak memory stays
+        near the quantized size instead of the full-precision one.
+        """
         params = dict(self.named_parameters())
+        expected = set(params)
         loaded: set[str] = set()
         expert_parts: dict[str, set[tuple[int, str]]] = {}
         skipped: list[str] = []
         num_layers = self.cfg.num_hidden_layers
+        pending = {i: {n for n in params if n.startswith(f"model.layers.{i}.")} for i in range(num_layers)}
+        experts_per_layer = 3 * self.cfg.n_routed_experts
+
+        def finish(i: int) -> None:
+            attn = self.model.layers[i].self_attn
+            attn.absorb()
+            attn.fuse_input_projections()
+            if on_layer_loaded is not None:
+                on_layer_loaded(self.model.layers[i])
+            del pending[i]
+            for n in [n for n in params if n.startswith(f"model.layers.{i}.")]:
+                params.pop(n)  # drop these references, so weights replaced by the callback are freed now
+
+        def mark(i: int | None, *names: str) -> None:
+            if i is None or i not in pending:
+                return
+            pending[i].difference_update(names)
+            if not pending[i]:
+                finish(i)
+
         for name, tensor in weights:
             layer = _LAYER_KEY.match(name)
-            if layer and int(layer.group(1)) >= num_layers:
+            index = int(layer.group(1)) if layer else None
+            if index is not None and index >= num_layers:
                 continue  # multi-token-prediction layers: kept for speculative decoding, unused here
+            if index is not None and index not in pending:
+                skipped.append(name)  # a repeat of a tensor whose layer is already finished
+                continue
             if m := _EXPERT_KEY.match(name):
                 prefix, expert, part = m.group(1), int(m.group(2)), m.group(3)
                 self._load_expert(params, prefix, expert, part, name, tensor)
-                expert_parts.setdefault(prefix, set()).add((expert, part))
+                parts = expert_parts.setdefault(prefix, set())
+                parts.add((expert, part))
+                if len(parts) == experts_per_layer:
+                    mark(index, f"{prefix}.w13", f"{prefix}.w2")
                 continue
             if m := _FUSED_EXPERT_KEY.match(name):
                 prefix = m.group(1)
                 target = f"{prefix}.w13" if m.group(2) == "gate_up_proj" else f"{prefix}.w2"
                 _copy(params, target, name, tensor)
-                num_experts = params[target].shape[0]
-                parts = ("gate", "up") if m.group(2) == "gate_up_proj" else ("down",)
-                expert_parts.setdefault(prefix, set()).update((e, p) for e in range(num_experts) for p in parts)
+                names = ("gate", "up") if m.group(2) == "gate_up_proj" else ("down",)
+                parts = expert_parts.setdefault(prefix, set())
+                parts.update((e, p) for e in range(self.cfg.n_routed_experts) for p in names)
+                mark(index, target)
                 continue
             if name not in params:
                 skipped.append(name)
                 continue
             _copy(params, name, name, tensor)
             loaded.add(name)
+            mark(index, name)
         if self.cfg.tie_word_embeddings and "lm_head.weight" not in loaded:
             self.lm_head.weight = self.model.embed_tokens.weight
             loaded.add("lm_head.weight")
         for prefix, parts in expert_parts.items():
-            expected = params[f"{prefix}.w13"].shape[0] * 3
-            if len(parts) != expected:
-                raise CheckpointError(f"{prefix}: found {len(parts)} of {expected} expert weight tensors")
+            if len(parts) != experts_per_layer:
+                raise CheckpointError(f"{prefix}: found {len(parts)} of {experts_per_layer} expert weight tensors")
             loaded.update({f"{prefix}.w13", f"{prefix}.w2"})
-        missing = sorted(set(params) - loaded)
+        missing = sorted(expected - loaded)
         if missing:
             raise CheckpointError(f"checkpoint is missing tensor {_checkpoint_name(missing[0])!r} ({len(missing)} missing in all)")
         if skipped:
             logger.warning("ignored %d unexpected tensors, e.g. %s", len(skipped), skipped[:3])
-        for layer in self.model.layers:
-            layer.self_attn.absorb()
-            layer.self_attn.fuse_input_projections()
+        for i in sorted(pending):
+            finish(i)
 
     def _load_expert(self, params, prefix: str, expert: int, part: str, name: str, tensor: torch.Tensor) -> None:
         w13, w2 = params[f"{prefix}.w13"], params[f"{prefix}.w2"]
