@@ -170,3 +170,28 @@ def test_int8_moe_experts(platform, tokens):
     got = platform.moe_experts(x, ids, weights, w13, w2, s13, s2)
     want = ops.moe_experts(x, ids, weights, w13, w2, s13, s2)
     torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [
+        ops.Routing(top_k=2),  # V2-Lite: softmax, greedy
+        ops.Routing(top_k=3, method="group_limited_greedy", n_group=4, topk_group=2, scaling=16.0),  # V2
+        ops.Routing(top_k=4, scoring="sigmoid", method="noaux_tc", n_group=4, topk_group=2, norm_topk_prob=True, scaling=2.5),
+        ops.Routing(top_k=3, scoring="sigmoid", method="noaux_tc", norm_topk_prob=True),  # one group
+    ],
+    ids=["greedy", "group_limited", "noaux_tc", "noaux_tc_one_group"],
+)
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_route_experts(platform, routing, tokens):
+    """The same experts (as a set) and weights per token as the reference router."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, 40, generator=g)
+    weight = torch.randn(16, 40, generator=g) * 0.3
+    bias = torch.randn(16, generator=g) * 0.1 if routing.method == "noaux_tc" else None
+    dev = platform.device
+    ids, weights = platform.route_experts(x.to(dev), weight.to(dev), None if bias is None else bias.to(dev), routing)
+    want_ids, want_weights = ops.route_experts(x, weight, bias, routing)
+    order, want_order = ids.cpu().argsort(dim=-1), want_ids.argsort(dim=-1)
+    assert torch.equal(ids.cpu().gather(1, order), want_ids.gather(1, want_order))
+    torch.testing.assert_close(weights.cpu().float().gather(1, order), want_weights.gather(1, want_order), atol=1e-5, rtol=1e-5)

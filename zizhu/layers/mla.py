@@ -82,11 +82,12 @@ class MLAttention(nn.Module):
                 q_a, kv_a = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
-        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        q_pe, k_pe = self.rotary(positions, q_pe, k_pe)
-        self.platform.write_kv_cache(cache, batch.slot_mapping, torch.cat([c_kv, k_pe], dim=-1))
+        cos, sin = self.rotary.cos_sin(positions, q.dtype)
+        self.platform.mla_write_latent(
+            q, kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin, self.rotary.interleaved,
+            cache, batch.slot_mapping,
+        )
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # q_pe is rotated now
 
         out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
         n_dec = batch.num_decodes
@@ -96,11 +97,10 @@ class MLAttention(nn.Module):
                 batch.block_tables[:n_dec], batch.seq_lens[:n_dec], self.scale,
             ).to(out.dtype)
         if n_dec < len(batch.seq_lens_cpu):
-            q_full = torch.cat([q_nope, q_pe], dim=-1)
             for s, start, end, length in batch.prefills():
                 context = gather_context(cache, batch.block_tables[s], length)
                 out[start:end] = self.platform.mla_prefill(
-                    q_full[start:end], context, self.kv_b_proj.weight,
+                    q[start:end], context, self.kv_b_proj.weight,
                     self.num_heads, self.nope_dim, self.v_dim, self.scale,
                 )
         return self.o_proj(out.view(num_tokens, -1))

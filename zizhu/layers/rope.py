@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from zizhu.config import RopeConfig, yarn_mscale
+from zizhu.ops.rope import apply_rotary
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
@@ -55,15 +56,11 @@ class RotaryEmbedding(nn.Module):
         return self._inv_freq
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q `[T, H, P]` and k `[T, P]` at `positions [T]`.
+        """Rotate q `[T, H, P]` and k `[T, P]` at `positions [T]` (see `ops.apply_rotary`)."""
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return apply_rotary(q, cos[:, None, :], sin[:, None, :], self.interleaved), apply_rotary(k, cos, sin, self.interleaved)
 
-        Interleaved pairs (2i, 2i+1) come out as [rotated evens | rotated odds]: a fixed permutation
-        of the rope dims, applied to q and k alike, so every dot product is unchanged.
-        """
-        cos, sin = self._cos_sin(positions, q.dtype)
-        return self._rotate(q, cos[:, None, :], sin[:, None, :]), self._rotate(k, cos, sin)
-
-    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for a step's positions, computed once and reused by every layer of that step."""
         cached = self._last
         if cached is not None and cached[0] is positions and cached[1] == dtype:
@@ -73,10 +70,3 @@ class RotaryEmbedding(nn.Module):
         sin = (freqs.sin() * self.cos_sin_factor).to(dtype)
         self._last = (positions, dtype, cos, sin)
         return cos, sin
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -9,10 +9,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zizhu.ops.norm import rms_norm
+from zizhu.ops.rope import apply_rotary
+
 
 def write_kv_cache(cache: torch.Tensor, slot_mapping: torch.Tensor, latent: torch.Tensor) -> None:
     """Store `latent [T, W]` at flat slots (block * block_size + offset) of `cache`."""
     cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latent.to(cache.dtype))
+
+
+def mla_write_latent(
+    q: torch.Tensor,  # [T, H, D_nope + P]: its rope dims are rotated in place
+    kv_a: torch.Tensor,  # [T, R + P]: c_kv before its norm, then k_pe before rotation
+    norm_weight: torch.Tensor,  # [R] kv_a_layernorm
+    eps: float,
+    cos: torch.Tensor,  # [T, P / 2]
+    sin: torch.Tensor,
+    interleaved: bool,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    rms_norm=rms_norm,  # a platform passes its own norm and cache write
+    write=write_kv_cache,
+) -> None:
+    """Everything between the projections and attention for the new tokens: normalise c_kv,
+    rotate k_pe and q's rope dims (q in place), store [c_kv | k_pe] at the tokens' slots."""
+    rank = norm_weight.shape[0]
+    rope = kv_a.shape[-1] - rank
+    c_kv, k_pe = kv_a.split([rank, rope], dim=-1)
+    q[..., -rope:] = apply_rotary(q[..., -rope:], cos[:, None, :], sin[:, None, :], interleaved)
+    write(cache, slot_mapping, torch.cat([rms_norm(c_kv, norm_weight, eps), apply_rotary(k_pe, cos, sin, interleaved)], dim=-1))
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

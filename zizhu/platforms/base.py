@@ -1,7 +1,7 @@
 """The platform seam: everything device-specific that the engine and models need.
 
 A vendor adds a chip by subclassing `Platform` and overriding what its hardware does better:
-the hot ops (paged MLA decode, absorbed or not, MLA prefill, MoE experts, RMSNorm, KV-cache writes), the KV-cache
+the hot ops (paged MLA decode, absorbed or not, MLA prefill, MoE routing and experts, RMSNorm, KV-cache writes), the KV-cache
 layout and allocation, memory queries, graph capture and the torch.distributed backend. Every
 default here is a correct reference, so a new platform works first and gets fast second. Prove a
 platform with `tests/platforms/test_conformance.py`, which checks its ops against the references.
@@ -64,8 +64,17 @@ class Platform:
     write_kv_cache = staticmethod(ops.write_kv_cache)
     paged_mla_decode = staticmethod(ops.paged_mla_decode)
     mla_prefill = staticmethod(ops.mla_prefill)
+    route_experts = staticmethod(ops.route_experts)
     moe_experts = staticmethod(ops.moe_experts)
     int8_linear = staticmethod(ops.int8_linear)
+
+    def mla_write_latent(self, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping) -> None:
+        """Normalise c_kv, rotate k_pe and q's rope dims (in place), store the latent (see
+        `ops.mla_write_latent`); by default through this platform's rms_norm and write_kv_cache."""
+        ops.mla_write_latent(
+            q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping,
+            rms_norm=self.rms_norm, write=self.write_kv_cache,
+        )
 
     def mla_decode(self, q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale) -> torch.Tensor:
         """Absorbed MLA decode, `[B, H, D_v]` fp32 (see `ops.mla_decode`). By default the query

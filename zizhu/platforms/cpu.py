@@ -61,6 +61,18 @@ class CpuPlatform(Platform):
             return cpu_kernels.rms_norm(lib, x, weight, eps)
         return ops.rms_norm(x, weight, eps)
 
+    def mla_write_latent(self, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping):
+        lib = cpu_kernels.load()
+        if (
+            lib is not None
+            and q.dtype == kv_a.dtype == norm_weight.dtype == cos.dtype == cache.dtype == torch.float32
+            and q.stride(-1) == 1 and kv_a.stride(-1) == 1 and cache.is_contiguous()
+            and slot_mapping.dtype == torch.int64
+        ):
+            cpu_kernels.mla_write_latent(lib, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping)
+        else:
+            super().mla_write_latent(q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping)
+
     def mla_decode(self, q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale):
         lib = cpu_kernels.load()
         if (
@@ -71,6 +83,19 @@ class CpuPlatform(Platform):
         ):
             return cpu_kernels.mla_decode(lib, q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale)
         return super().mla_decode(q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale)
+
+    def route_experts(self, x, weight, bias, routing):
+        lib = cpu_kernels.load()
+        if (
+            lib is not None
+            and x.dtype == weight.dtype == torch.float32
+            and weight.is_contiguous()
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+            and routing.scoring in cpu_kernels.SCORING
+            and routing.method in cpu_kernels.METHODS
+        ):
+            return cpu_kernels.route_experts(lib, x, weight, bias, routing)
+        return ops.route_experts(x, weight, bias, routing)
 
     def moe_experts(self, x, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
         lib = cpu_kernels.load()

@@ -21,7 +21,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int8_gemm.c", "mla_decode.c", "rms_norm.c")]
+SOURCE_DIR = Path(__file__).parent
+SOURCES = [SOURCE_DIR / name for name in ("int8_gemm.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -37,7 +38,7 @@ def load() -> ctypes.CDLL | None:
     if cc is None:
         logger.info("no C compiler found: using reference int8 matmul")
         return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in [*SOURCES, SOURCE_DIR / "simd.h"])
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     digest = hashlib.sha256(source + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
     target = _cache_dir() / f"int8_gemm-{digest}.so"
@@ -59,6 +60,16 @@ def load() -> ctypes.CDLL | None:
     lib.mla_decode_f32.argtypes = (
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
         + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
+    )
+    lib.mla_write_latent_f32.restype = None
+    lib.mla_write_latent_f32.argtypes = (
+        [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    )
+    lib.moe_route_f32.restype = None
+    lib.moe_route_f32.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+        + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     )
     lib.rms_norm_f32.restype = None
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
@@ -131,6 +142,40 @@ def mla_decode(
         batch, heads, nope, value, rank, rope, cache.shape[1], scale, torch.get_num_threads(),
     )
     return out
+
+
+def mla_write_latent(lib, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping) -> None:
+    """`ops.mla_write_latent` in one native call (q's rope dims rotated in place)."""
+    tokens, heads, head_dim = q.shape
+    rank = norm_weight.shape[0]
+    rope = kv_a.shape[-1] - rank
+    cos, sin, slots = cos.contiguous(), sin.contiguous(), slot_mapping.contiguous()
+    lib.mla_write_latent_f32(
+        q.data_ptr(), q.stride(0), q.stride(1), heads, head_dim - rope, kv_a.data_ptr(), kv_a.stride(0),
+        norm_weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(), int(interleaved), cache.data_ptr(),
+        slots.data_ptr(), tokens, rank, rope, torch.get_num_threads(),
+    )
+
+
+SCORING = {"softmax": 0, "sigmoid": 1}
+METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+def route_experts(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ops.route_experts` in one native call: (ids [T, K] int64, weights [T, K] fp32)."""
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    tokens, hidden = x2.shape
+    experts = weight.shape[0]
+    logits = torch.empty(tokens, experts, dtype=torch.float32)
+    ids = torch.empty(tokens, routing.top_k, dtype=torch.int64)
+    weights = torch.empty(tokens, routing.top_k, dtype=torch.float32)
+    lib.moe_route_f32(
+        x2.data_ptr(), x2.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(), tokens, hidden, experts,
+        SCORING[routing.scoring], METHODS[routing.method], routing.n_group, routing.topk_group, routing.top_k,
+        int(routing.norm_topk_prob), routing.scaling, logits.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return ids, weights
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

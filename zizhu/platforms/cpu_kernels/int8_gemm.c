@@ -8,26 +8,16 @@
  * Built at first use by zizhu/platforms/cpu_kernels/__init__.py; it links the OpenMP runtime that
  * torch already loaded, so both share one thread pool.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 /* Bytes ahead to prefetch: the hardware prefetcher alone left single-core DRAM streaming at about
  * a third of what the same loop reaches with this hint. */
 #define PREFETCH 1024
-
-static inline float hsum(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    return _mm_cvtss_f32(lo);
-}
-
-static inline __m256 widen8(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
 
 static float dot_row(const float* x, const int8_t* w, int64_t K) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -40,7 +30,7 @@ static float dot_row(const float* x, const int8_t* w, int64_t K) {
         a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), widen8(w + k + 24), a3);
     }
     for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), widen8(w + k), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; k < K; k++) s += x[k] * (float)w[k];
     return s;
 }
@@ -65,8 +55,8 @@ static void tile_4x2(const float* x, int64_t xs, const int8_t* w0, const int8_t*
         xv = _mm256_loadu_ps(x + 3 * xs + k);
         c30 = _mm256_fmadd_ps(xv, v0, c30); c31 = _mm256_fmadd_ps(xv, v1, c31);
     }
-    out[0][0] = hsum(c00); out[0][1] = hsum(c01); out[1][0] = hsum(c10); out[1][1] = hsum(c11);
-    out[2][0] = hsum(c20); out[2][1] = hsum(c21); out[3][0] = hsum(c30); out[3][1] = hsum(c31);
+    out[0][0] = hsum8(c00); out[0][1] = hsum8(c01); out[1][0] = hsum8(c10); out[1][1] = hsum8(c11);
+    out[2][0] = hsum8(c20); out[2][1] = hsum8(c21); out[3][0] = hsum8(c30); out[3][1] = hsum8(c31);
     for (; k < K; k++)
         for (int i = 0; i < 4; i++) {
             out[i][0] += x[i * xs + k] * (float)w0[k];

@@ -9,31 +9,12 @@
  * 2. attend: per (sequence, group of heads), so each cached row is read once for the group;
  * 3. project out: per head, W_UV[h] rows read once for the whole batch.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    return _mm_cvtss_f32(lo);
-}
-
-static float dot(const float* a, const float* b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    float s = hsum8(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
+#include "simd.h"
 
 static void axpy(float a, const float* x, float* y, int64_t n) {
     const __m256 av = _mm256_set1_ps(a);
@@ -51,7 +32,7 @@ static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const 
     for (int64_t j = 0; j < len; j++) {
         const float* row = cache + (table[j / block_size] * block_size + j % block_size) * W;
         for (int64_t h = h0; h < h1; h++) {
-            const float s = dot(q_lat + (b * H + h) * R, row, R) + dot(q_pe + b * qp_sb + h * qp_sh, row + R, P);
+            const float s = dot_f32(q_lat + (b * H + h) * R, row, R) + dot_f32(q_pe + b * qp_sb + h * qp_sh, row + R, P);
             scores[(h - h0) * len + j] = s * scale;
         }
     }
@@ -115,7 +96,7 @@ void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H
                 const int64_t row = (h * Dv + v) * R;
                 for (int64_t b = 0; b < B; b++) {
                     const float* o = o_lat + (b * H + h) * R;
-                    out[(b * H + h) * Dv + v] = dot(w_uv + row, o, R);
+                    out[(b * H + h) * Dv + v] = dot_f32(w_uv + row, o, R);
                 }
             }
     }

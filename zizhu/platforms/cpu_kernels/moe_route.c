@@ -1,0 +1,86 @@
+/* DeepSeek MoE routing in one call: router logits, scores, group limiting, top-k and weights.
+ *
+ * In torch a router is ~15 small operators per layer (linear, sigmoid, view, topk twice, sum,
+ * scatter, repeat, masked_fill, gather, normalise), and at batch 1 their dispatch costs far more
+ * than the arithmetic. Semantics follow zizhu.ops.route_experts exactly, in fp32; among equal
+ * scores the lower expert index wins.
+ *   scoring: 0 softmax, 1 sigmoid;  method: 0 greedy, 1 group_limited_greedy, 2 noaux_tc.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "simd.h"
+
+/* index of the largest of v[0..n) not yet taken, lowest index among equals; -1 if none */
+static int64_t argmax_free(const float* v, const char* taken, int64_t n) {
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+    return best;
+}
+
+void moe_route_f32(const float* x, int64_t x_stride, const float* w, const float* bias, int64_t T, int64_t D,
+                   int64_t E, int scoring, int method, int64_t n_group, int64_t topk_group, int64_t K,
+                   int norm, float scaling, float* logits, int64_t* ids, float* weights, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * E * D >= 32768)
+    for (int64_t j = 0; j < T * E; j++) logits[j] = dot_f32(x + (j / E) * x_stride, w + (j % E) * D, D);
+
+    float* scores = malloc(sizeof(float) * E);
+    float* choice = malloc(sizeof(float) * E);
+    float* group_score = malloc(sizeof(float) * (n_group > 0 ? n_group : 1));
+    char* taken = malloc(E > n_group ? E : n_group);
+    const int64_t per_group = n_group > 0 ? E / n_group : E;
+    for (int64_t t = 0; t < T; t++) {
+        const float* l = logits + t * E;
+        if (scoring == 1) {
+            for (int64_t e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-l[e]));
+        } else {
+            float m = l[0], total = 0.0f;
+            for (int64_t e = 1; e < E; e++) m = l[e] > m ? l[e] : m;
+            for (int64_t e = 0; e < E; e++) total += (scores[e] = expf(l[e] - m));
+            for (int64_t e = 0; e < E; e++) scores[e] /= total;
+        }
+        for (int64_t e = 0; e < E; e++) choice[e] = method == 2 && bias ? scores[e] + bias[e] : scores[e];
+        if (method != 0 && n_group > 1) {
+            for (int64_t g = 0; g < n_group; g++) {
+                const float* c = choice + g * per_group;
+                if (method == 2) { /* sum of the group's two best */
+                    float a = -INFINITY, b = -INFINITY;
+                    for (int64_t i = 0; i < per_group; i++) {
+                        if (c[i] > a) { b = a; a = c[i]; } else if (c[i] > b) b = c[i];
+                    }
+                    group_score[g] = per_group > 1 ? a + b : a;
+                } else { /* the group's best */
+                    float a = -INFINITY;
+                    for (int64_t i = 0; i < per_group; i++) a = c[i] > a ? c[i] : a;
+                    group_score[g] = a;
+                }
+            }
+            for (int64_t g = 0; g < n_group; g++) taken[g] = 0;
+            for (int64_t k = 0; k < topk_group; k++) {
+                const int64_t g = argmax_free(group_score, taken, n_group);
+                if (g >= 0) taken[g] = 1;
+            }
+            const float fill = method == 2 ? -INFINITY : 0.0f;
+            for (int64_t g = 0; g < n_group; g++)
+                if (!taken[g])
+                    for (int64_t i = 0; i < per_group; i++) choice[g * per_group + i] = fill;
+        }
+        for (int64_t e = 0; e < E; e++) taken[e] = 0;
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t e = argmax_free(choice, taken, E);
+            taken[e] = 1;
+            ids[t * K + k] = e;
+            weights[t * K + k] = method == 2 ? scores[e] : choice[e];
+            sum += weights[t * K + k];
+        }
+        for (int64_t k = 0; k < K; k++) {
+            if (norm) weights[t * K + k] /= sum + 1e-20f;
+            weights[t * K + k] *= scaling;
+        }
+    }
+    free(scores); free(choice); free(group_score); free(taken);
+}
