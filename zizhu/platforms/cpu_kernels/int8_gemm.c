@@ -64,26 +64,33 @@ static void tile_4x2(const float* x, int64_t xs, const int8_t* w0, const int8_t*
         }
 }
 
+/* Rows of x per pass over a thread's columns: 64 rows of K floats stay in L2 while every column
+ * pair streams past them; unblocked, a 512-token prefill re-read all of x from L3 per pair. */
+#define ROW_BLOCK 64
+
 /* Output columns [n_begin, n_end) of y = x @ (w * scale)^T, one thread's share. */
 static void gemm_cols(const float* x, const int8_t* w, const float* scale, float* y,
                       int64_t M, int64_t K, int64_t xs, int64_t ys, int64_t n_begin, int64_t n_end) {
-    const int64_t m4 = M & ~(int64_t)3;
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += 2) {
-        const int both = n0 + 1 < n_end;
-        const int8_t* w0 = w + n0 * K;
-        const int8_t* w1 = both ? w0 + K : w0;
-        for (int64_t m = 0; m < m4; m += 4) {
-            float out[4][2];
-            tile_4x2(x + m * xs, xs, w0, w1, K, out);
-            for (int i = 0; i < 4; i++) {
-                y[(m + i) * ys + n0] = out[i][0] * scale[n0];
-                if (both) y[(m + i) * ys + n0 + 1] = out[i][1] * scale[n0 + 1];
+    for (int64_t mb = 0; mb < M; mb += ROW_BLOCK) {
+        const int64_t me = mb + ROW_BLOCK < M ? mb + ROW_BLOCK : M;
+        const int64_t m4 = mb + ((me - mb) & ~(int64_t)3);
+        for (int64_t n0 = n_begin; n0 < n_end; n0 += 2) {
+            const int both = n0 + 1 < n_end;
+            const int8_t* w0 = w + n0 * K;
+            const int8_t* w1 = both ? w0 + K : w0;
+            for (int64_t m = mb; m < m4; m += 4) {
+                float out[4][2];
+                tile_4x2(x + m * xs, xs, w0, w1, K, out);
+                for (int i = 0; i < 4; i++) {
+                    y[(m + i) * ys + n0] = out[i][0] * scale[n0];
+                    if (both) y[(m + i) * ys + n0 + 1] = out[i][1] * scale[n0 + 1];
+                }
             }
-        }
-        for (int64_t m = m4; m < M; m++) {
-            const float* xr = x + m * xs;
-            y[m * ys + n0] = dot_row(xr, w0, K) * scale[n0];
-            if (both) y[m * ys + n0 + 1] = dot_row(xr, w1, K) * scale[n0 + 1];
+            for (int64_t m = m4; m < me; m++) {
+                const float* xr = x + m * xs;
+                y[m * ys + n0] = dot_row(xr, w0, K) * scale[n0];
+                if (both) y[m * ys + n0 + 1] = dot_row(xr, w1, K) * scale[n0 + 1];
+            }
         }
     }
 }
