@@ -80,17 +80,19 @@ def test_mla_prefill_with_cached_prefix(platform):
         torch.testing.assert_close(got[i].cpu(), want, atol=1e-5, rtol=1e-5)
 
 
-def test_moe_experts(platform):
+@pytest.mark.parametrize("tokens", [1, 7, 37])
+def test_moe_experts(platform, tokens):
+    """fp32 experts against the formula; token counts cover one token, tile tails and full tiles."""
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(7, 16, generator=g)
+    x = torch.randn(tokens, 16, generator=g)
     w13 = torch.randn(5, 2 * 8, 16, generator=g) * 0.3
     w2 = torch.randn(5, 16, 8, generator=g) * 0.3
-    ids = torch.randint(0, 5, (7, 2), generator=g)
+    ids = torch.randint(0, 5, (tokens, 2), generator=g)
     ids[:, 1] = (ids[:, 0] + 1) % 5
-    weights = torch.rand(7, 2, generator=g)
+    weights = torch.rand(tokens, 2, generator=g)
     got = platform.moe_experts(x, ids, weights, w13, w2)
     want = torch.zeros_like(x)
-    for t in range(7):
+    for t in range(tokens):
         for j in range(2):
             gate, up = (w13[ids[t, j]] @ x[t]).chunk(2)
             want[t] += weights[t, j] * (w2[ids[t, j]] @ (torch.nn.functional.silu(gate) * up))

@@ -99,6 +99,13 @@ class CpuPlatform(Platform):
 
     def moe_experts(self, x, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
         lib = cpu_kernels.load()
-        if lib is not None and w13_scale is not None and x.dtype == torch.float32 and w13_scale.dtype == torch.float32:
-            return cpu_kernels.int8_moe(lib, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale)
+        if w13_scale is None:
+            weights_ok = w13.dtype == w2.dtype == torch.float32
+        else:
+            weights_ok = w13.dtype == w2.dtype == torch.int8 and w13_scale.dtype == w2_scale.dtype == torch.float32
+        if (
+            lib is not None and weights_ok and x.dtype == torch.float32
+            and w13.is_contiguous() and w2.is_contiguous()
+        ):
+            return cpu_kernels.moe(lib, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale)
         return ops.moe_experts(x, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale, int8_matmul=self.int8_linear)

@@ -41,7 +41,7 @@ def load() -> ctypes.CDLL | None:
     source = b"".join(path.read_bytes() for path in [*SOURCES, SOURCE_DIR / "simd.h"])
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     digest = hashlib.sha256(source + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"int8_gemm-{digest}.so"
+    target = _cache_dir() / f"cpu_kernels-{digest}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -54,8 +54,8 @@ def load() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     lib.int8_gemm_f32.restype = None
     lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-    lib.int8_moe_f32.restype = None
-    lib.int8_moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.moe_f32.restype = None
+    lib.moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.mla_decode_f32.restype = None
     lib.mla_decode_f32.argtypes = (
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
@@ -91,23 +91,25 @@ def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale:
     return y.view(*shape[:-1], n)
 
 
-def int8_moe(
+def moe(
     lib: ctypes.CDLL,
     x: torch.Tensor,  # [T, D] fp32
     topk_ids: torch.Tensor,  # [T, K]
     topk_weights: torch.Tensor,  # [T, K]
-    w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+    w13: torch.Tensor, s13: torch.Tensor | None, w2: torch.Tensor, s2: torch.Tensor | None,
 ) -> torch.Tensor:
-    """All routed experts of a layer, grouping and weighted sum included, in one native call."""
+    """All routed experts of a layer, grouping and weighted sum included, in one native call.
+    Weights are int8 with per-row scales, or fp32 with both scales None."""
     num_tokens, top_k = topk_ids.shape
     num_experts, two_inter, hidden = w13.shape
     x = x.contiguous()
     ids = topk_ids.to(torch.int64).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     out = torch.empty_like(x)
-    lib.int8_moe_f32(
+    lib.moe_f32(
         x.data_ptr(), out.data_ptr(), ids.data_ptr(), weights.data_ptr(), num_tokens, top_k, num_experts,
-        w13.data_ptr(), s13.data_ptr(), w2.data_ptr(), s2.data_ptr(), hidden, two_inter // 2, torch.get_num_threads(),
+        w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
+        hidden, two_inter // 2, torch.get_num_threads(),
     )
     return out
 
