@@ -197,3 +197,15 @@ def test_route_experts(platform, routing, tokens):
     order, want_order = ids.cpu().argsort(dim=-1), want_ids.argsort(dim=-1)
     assert torch.equal(ids.cpu().gather(1, order), want_ids.gather(1, want_order))
     torch.testing.assert_close(weights.cpu().float().gather(1, order), want_weights.gather(1, want_order), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,k", [(1, 24), (3, 37), (16, 64), (40, 33)])
+def test_linear(platform, rows, k):
+    """Full-precision projections: odd widths, the few-row native range and beyond it, a bias."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, rows, k, generator=g)
+    w = torch.randn(11, k, generator=g)
+    b = torch.randn(11, generator=g)
+    dev = platform.device
+    torch.testing.assert_close(platform.linear(x.to(dev), w.to(dev)).cpu(), x @ w.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(platform.linear(x.to(dev), w.to(dev), b.to(dev)).cpu(), x @ w.T + b, atol=1e-4, rtol=1e-4)

@@ -18,10 +18,21 @@ from zizhu.layers.rope import RotaryEmbedding
 from zizhu.ops.attention import gather_context
 
 
-def _linear(in_features: int, out_features: int, dtype: torch.dtype, bias: bool = False) -> nn.Linear:
-    layer = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-    layer.weight.requires_grad_(False)
-    return layer
+class Linear(nn.Linear):
+    """An inference-only nn.Linear whose product runs on the platform: on a CPU a native kernel
+    streams a skinny weight twice as fast as MKL's GEMM does for one to a few rows."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, bias: bool, platform):
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype)
+        self.weight.requires_grad_(False)
+        self.platform = platform
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.platform.linear(x, self.weight, self.bias)
+
+
+def _linear(in_features: int, out_features: int, dtype: torch.dtype, platform, bias: bool = False) -> Linear:
+    return Linear(in_features, out_features, dtype, bias, platform)
 
 
 class MLAttention(nn.Module):
@@ -37,15 +48,15 @@ class MLAttention(nn.Module):
         self.scale = cfg.softmax_scale
         q_out = self.num_heads * cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = _linear(cfg.hidden_size, cfg.q_lora_rank, dtype, cfg.attention_bias)
+            self.q_a_proj = _linear(cfg.hidden_size, cfg.q_lora_rank, dtype, platform, cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, platform, dtype)
-            self.q_b_proj = _linear(cfg.q_lora_rank, q_out, dtype)
+            self.q_b_proj = _linear(cfg.q_lora_rank, q_out, dtype, platform)
         else:
-            self.q_proj = _linear(cfg.hidden_size, q_out, dtype)
-        self.kv_a_proj_with_mqa = _linear(cfg.hidden_size, cfg.kv_latent_dim, dtype, cfg.attention_bias)
+            self.q_proj = _linear(cfg.hidden_size, q_out, dtype, platform)
+        self.kv_a_proj_with_mqa = _linear(cfg.hidden_size, cfg.kv_latent_dim, dtype, platform, cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, platform, dtype)
-        self.kv_b_proj = _linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), dtype)
-        self.o_proj = _linear(self.num_heads * self.v_dim, cfg.hidden_size, dtype, cfg.attention_bias)
+        self.kv_b_proj = _linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), dtype, platform)
+        self.o_proj = _linear(self.num_heads * self.v_dim, cfg.hidden_size, dtype, platform, cfg.attention_bias)
         self.rotary = rotary  # shared by all layers: cos/sin are computed once per step
         self.w_uk: torch.Tensor | None = None  # [H, nope, R] fp32, derived from kv_b_proj after loading
         self.w_uv: torch.Tensor | None = None  # [H, v, R] fp32
@@ -56,7 +67,9 @@ class MLAttention(nn.Module):
         if not hasattr(self, "q_a_proj"):
             return
         q_a, kv_a = self.q_a_proj, self.kv_a_proj_with_mqa
-        fused = _linear(q_a.in_features, q_a.out_features + kv_a.out_features, q_a.weight.dtype, q_a.bias is not None)
+        fused = _linear(
+            q_a.in_features, q_a.out_features + kv_a.out_features, q_a.weight.dtype, self.platform, q_a.bias is not None
+        )
         with torch.no_grad():
             fused.weight.copy_(torch.cat([q_a.weight, kv_a.weight]))
             if fused.bias is not None:

@@ -14,11 +14,11 @@ from zizhu.ops.moe import Routing
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate x) * up x). Used for dense layers and shared experts."""
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, platform):
         super().__init__()
-        self.gate_proj = _linear(hidden, inter, dtype)
-        self.up_proj = _linear(hidden, inter, dtype)
-        self.down_proj = _linear(inter, hidden, dtype)
+        self.gate_proj = _linear(hidden, inter, dtype, platform)
+        self.up_proj = _linear(hidden, inter, dtype, platform)
+        self.down_proj = _linear(inter, hidden, dtype, platform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -66,7 +66,7 @@ class MoE(nn.Module):
         self.gate = Router(cfg, platform)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype)
         self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype)
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, platform)
             if cfg.n_shared_experts
             else None
         )

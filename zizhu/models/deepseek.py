@@ -34,7 +34,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
         self.self_attn = MLAttention(cfg, platform, dtype, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
-        self.mlp = MoE(cfg, platform, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.mlp = MoE(cfg, platform, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, platform)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor):
         h = h + self.self_attn(self.input_layernorm(h), positions, batch, cache)
@@ -56,7 +56,7 @@ class DeepseekForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = DeepseekModel(cfg, platform, dtype)
-        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, dtype)
+        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, dtype, platform)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from zizhu import ops
 
@@ -67,6 +68,7 @@ class Platform:
     route_experts = staticmethod(ops.route_experts)
     moe_experts = staticmethod(ops.moe_experts)
     int8_linear = staticmethod(ops.int8_linear)
+    linear = staticmethod(F.linear)  # the model's full-precision projections
 
     def mla_write_latent(self, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping) -> None:
         """Normalise c_kv, rotate k_pe and q's rope dims (in place), store the latent (see

@@ -55,6 +55,16 @@ class CpuPlatform(Platform):
             return cpu_kernels.int8_linear(lib, x, qweight, scale)
         return ops.int8_linear(x, qweight, scale)
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        lib = cpu_kernels.load()
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        # Up to 16 rows the native kernel streams the weight at 2-4x MKL's speed (129,280 x 256 fp32:
+        # 7.3 vs 14.7 ms at one row, 9.0 vs 35.4 at eight); above that MKL's blocking wins.
+        if lib is not None and 0 < rows <= 16 and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous():
+            out = cpu_kernels.linear_f32(lib, x, weight)
+            return out if bias is None else out + bias
+        return torch.nn.functional.linear(x, weight, bias)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         lib = cpu_kernels.load()
         if lib is not None and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous():

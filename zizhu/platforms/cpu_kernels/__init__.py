@@ -54,6 +54,8 @@ def load() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(target))
     lib.int8_gemm_f32.restype = None
     lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.gemm_f32.restype = None
+    lib.gemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.moe_f32.restype = None
     lib.moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.mla_decode_f32.restype = None
@@ -88,6 +90,18 @@ def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale:
         x2.data_ptr(), qweight.data_ptr(), scale.data_ptr(), y.data_ptr(),
         x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads(),
     )
+    return y.view(*shape[:-1], n)
+
+
+def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 `x [..., K]` times fp32 `weight [N, K]`."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n, k = weight.shape
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    lib.gemm_f32(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads())
     return y.view(*shape[:-1], n)
 
 

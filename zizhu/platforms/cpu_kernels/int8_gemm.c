@@ -125,6 +125,12 @@ void int8_gemm_f32(const float* x, const int8_t* w, const float* scale, float* y
     PARALLEL_COLS(N, gemm_cols_i8(x, w, scale, y, M, K, x_stride, y_stride, n_begin, n_end))
 }
 
+/* fp32 weights, for the few-row products where MKL's GEMM pays more than the weight stream. */
+void gemm_f32(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int64_t x_stride,
+              int64_t y_stride, int threads) {
+    PARALLEL_COLS(N, gemm_cols_f32(x, w, NULL, y, M, K, x_stride, y_stride, n_begin, n_end))
+}
+
 /* Routed experts of one layer in one call, from the router's choice to the weighted sum.
  * (token, expert) pairs are counting-sorted by expert so each selected expert's weights stream once
  * for all its tokens; every phase is one work-shared loop over all selected experts' columns, so a
