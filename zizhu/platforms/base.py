@@ -1,7 +1,8 @@
 """The platform seam: everything device-specific that the engine and models need.
 
 A vendor adds a chip by subclassing `Platform` and overriding what its hardware does better:
-the hot ops (paged MLA decode, absorbed or not, MLA prefill, MoE routing and experts, RMSNorm, KV-cache writes), the KV-cache
+the hot ops (paged MLA decode, absorbed or not, MLA prefill, the latent write with RoPE, MoE
+routing and experts, full-precision and int8 projections, RMSNorm, KV-cache writes), the KV-cache
 layout and allocation, memory queries, graph capture and the torch.distributed backend. Every
 default here is a correct reference, so a new platform works first and gets fast second. Prove a
 platform with `tests/platforms/test_conformance.py`, which checks its ops against the references.
