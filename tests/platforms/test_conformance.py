@@ -201,7 +201,8 @@ def test_route_experts(platform, routing, tokens):
 
 @pytest.mark.parametrize("rows,k", [(1, 24), (3, 37), (16, 64), (40, 33)])
 def test_linear(platform, rows, k):
-    """Full-precision projections: odd widths, the few-row native range and beyond it, a bias."""
+    """Full-precision projections: odd widths, the few-row native range and beyond it (twice
+    `rows` in all), a bias."""
     g = torch.Generator().manual_seed(8)
     x = torch.randn(2, rows, k, generator=g)
     w = torch.randn(11, k, generator=g)
