@@ -8,31 +8,14 @@ K/V once per sequence and attends at head width (cheaper when there are many que
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zizhu.config import ModelConfig
 from zizhu.layers.batch import AttentionBatch
+from zizhu.layers.linear import Linear
 from zizhu.layers.norm import RMSNorm
 from zizhu.layers.rope import RotaryEmbedding
 from zizhu.ops.attention import gather_context
-
-
-class Linear(nn.Linear):
-    """An inference-only nn.Linear whose product runs on the platform: on a CPU a native kernel
-    streams a skinny weight twice as fast as MKL's GEMM does for one to a few rows."""
-
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, bias: bool, platform):
-        super().__init__(in_features, out_features, bias=bias, dtype=dtype)
-        self.weight.requires_grad_(False)
-        self.platform = platform
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.platform.linear(x, self.weight, self.bias)
-
-
-def _linear(in_features: int, out_features: int, dtype: torch.dtype, platform, bias: bool = False) -> Linear:
-    return Linear(in_features, out_features, dtype, bias, platform)
 
 
 class MLAttention(nn.Module):
@@ -48,15 +31,15 @@ class MLAttention(nn.Module):
         self.scale = cfg.softmax_scale
         q_out = self.num_heads * cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = _linear(cfg.hidden_size, cfg.q_lora_rank, dtype, platform, cfg.attention_bias)
+            self.q_a_proj = Linear(cfg.hidden_size, cfg.q_lora_rank, dtype, platform, cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, platform, dtype)
-            self.q_b_proj = _linear(cfg.q_lora_rank, q_out, dtype, platform)
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_out, dtype, platform)
         else:
-            self.q_proj = _linear(cfg.hidden_size, q_out, dtype, platform)
-        self.kv_a_proj_with_mqa = _linear(cfg.hidden_size, cfg.kv_latent_dim, dtype, platform, cfg.attention_bias)
+            self.q_proj = Linear(cfg.hidden_size, q_out, dtype, platform)
+        self.kv_a_proj_with_mqa = Linear(cfg.hidden_size, cfg.kv_latent_dim, dtype, platform, cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, platform, dtype)
-        self.kv_b_proj = _linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), dtype, platform)
-        self.o_proj = _linear(self.num_heads * self.v_dim, cfg.hidden_size, dtype, platform, cfg.attention_bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), dtype, platform)
+        self.o_proj = Linear(self.num_heads * self.v_dim, cfg.hidden_size, dtype, platform, cfg.attention_bias)
         self.rotary = rotary  # shared by all layers: cos/sin are computed once per step
         self.w_uk: torch.Tensor | None = None  # [H, nope, R] fp32, derived from kv_b_proj after loading
         self.w_uv: torch.Tensor | None = None  # [H, v, R] fp32
@@ -67,7 +50,7 @@ class MLAttention(nn.Module):
         if not hasattr(self, "q_a_proj"):
             return
         q_a, kv_a = self.q_a_proj, self.kv_a_proj_with_mqa
-        fused = _linear(
+        fused = Linear(
             q_a.in_features, q_a.out_features + kv_a.out_features, q_a.weight.dtype, self.platform, q_a.bias is not None
         )
         with torch.no_grad():
@@ -89,10 +72,8 @@ class MLAttention(nn.Module):
             q = self.q_proj(x)
             kv_a = self.kv_a_proj_with_mqa(x)
         else:
-            if hasattr(self, "q_kv_a_proj"):
-                q_a, kv_a = self.q_kv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], dim=-1)
-            else:
-                q_a, kv_a = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+            # q_a_proj and kv_a_proj_with_mqa, fused when the layer finished loading
+            q_a, kv_a = self.q_kv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], dim=-1)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
         cos, sin = self.rotary.cos_sin(positions, q.dtype)

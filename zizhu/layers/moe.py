@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zizhu.config import ModelConfig
-from zizhu.layers.mla import _linear
+from zizhu.layers.linear import Linear
 from zizhu.ops.moe import Routing
 
 
@@ -16,9 +16,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, dtype: torch.dtype, platform):
         super().__init__()
-        self.gate_proj = _linear(hidden, inter, dtype, platform)
-        self.up_proj = _linear(hidden, inter, dtype, platform)
-        self.down_proj = _linear(inter, hidden, dtype, platform)
+        self.gate_proj = Linear(hidden, inter, dtype, platform)
+        self.up_proj = Linear(hidden, inter, dtype, platform)
+        self.down_proj = Linear(inter, hidden, dtype, platform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

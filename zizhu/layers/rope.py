@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from zizhu.config import RopeConfig, yarn_mscale
-from zizhu.ops.rope import apply_rotary
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
@@ -42,6 +41,9 @@ def inverse_frequencies(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float
 
 
 class RotaryEmbedding(nn.Module):
+    """cos and sin of the rotation for a step's positions; the rotation itself is
+    `ops.apply_rotary`, run by the platform's `mla_write_latent`."""
+
     def __init__(self, rope: RopeConfig, dim: int):
         super().__init__()
         self.rope, self.dim = rope, dim
@@ -54,11 +56,6 @@ class RotaryEmbedding(nn.Module):
         if self._inv_freq is None or self._inv_freq.device != device:
             self._inv_freq = inverse_frequencies(self.rope, self.dim)[0].to(device)
         return self._inv_freq
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q `[T, H, P]` and k `[T, P]` at `positions [T]` (see `ops.apply_rotary`)."""
-        cos, sin = self.cos_sin(positions, q.dtype)
-        return apply_rotary(q, cos[:, None, :], sin[:, None, :], self.interleaved), apply_rotary(k, cos, sin, self.interleaved)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for a step's positions, computed once and reused by every layer of that step."""

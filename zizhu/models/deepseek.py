@@ -16,7 +16,8 @@ from torch import nn
 from zizhu.config import ModelConfig
 from zizhu.errors import CheckpointError
 from zizhu.layers.batch import AttentionBatch
-from zizhu.layers.mla import MLAttention, _linear
+from zizhu.layers.linear import Linear
+from zizhu.layers.mla import MLAttention
 from zizhu.layers.moe import MLP, MoE
 from zizhu.layers.norm import RMSNorm
 from zizhu.layers.rope import RotaryEmbedding
@@ -56,7 +57,7 @@ class DeepseekForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = DeepseekModel(cfg, platform, dtype)
-        self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, dtype, platform)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, platform)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor]

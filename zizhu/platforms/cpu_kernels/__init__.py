@@ -22,7 +22,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = [SOURCE_DIR / name for name in ("int8_gemm.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
+SOURCES = [SOURCE_DIR / name for name in ("gemm.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -78,31 +78,29 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """`x [..., K]` as `[M, K]` rows the kernels can walk: dense last dim, any row stride."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp32 `x [..., K]` times int8 `qweight [N, K]` with fp32 per-row `scale [N]`."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n, k = qweight.shape
+    x2, (n, k) = _rows(x), qweight.shape
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     lib.int8_gemm_f32(
         x2.data_ptr(), qweight.data_ptr(), scale.data_ptr(), y.data_ptr(),
         x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads(),
     )
-    return y.view(*shape[:-1], n)
+    return y.view(*x.shape[:-1], n)
 
 
 def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 `x [..., K]` times fp32 `weight [N, K]`."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n, k = weight.shape
+    x2, (n, k) = _rows(x), weight.shape
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     lib.gemm_f32(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads())
-    return y.view(*shape[:-1], n)
+    return y.view(*x.shape[:-1], n)
 
 
 def moe(
@@ -179,7 +177,7 @@ METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 def route_experts(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, routing) -> tuple[torch.Tensor, torch.Tensor]:
     """`ops.route_experts` in one native call: (ids [T, K] int64, weights [T, K] fp32)."""
-    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    x2 = _rows(x)
     tokens, hidden = x2.shape
     experts = weight.shape[0]
     logits = torch.empty(tokens, experts, dtype=torch.float32)
@@ -195,10 +193,7 @@ def route_experts(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias:
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=torch.float32)
     lib.rms_norm_f32(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), x2.shape[0], x2.shape[1], eps, torch.get_num_threads())
-    return out.view(shape)
+    return out.view(x.shape)

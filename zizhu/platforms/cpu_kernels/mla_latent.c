@@ -3,8 +3,9 @@
  * multiplies and two adds of the rotation, splits, cats, an index_copy); here it is one pass.
  * Rotation as zizhu.ops.apply_rotary: out = [x1 cos - x2 sin | x2 cos + x1 sin], where (x1, x2) are
  * the two halves, or the even and odd dims when `interleaved`. */
-#include <math.h>
 #include <stdint.h>
+
+#include "simd.h"
 
 static void rotate(const float* x, float* out, const float* cos, const float* sin, int64_t half, int interleaved) {
     for (int64_t i = 0; i < half; i++) {
@@ -29,10 +30,7 @@ void mla_write_latent_f32(float* q, int64_t q_stride, int64_t head_stride, int64
         }
         const float* src = kv + t * kv_stride;
         float* row = cache + slots[t] * (R + P);
-        float ss = 0.0f;
-        for (int64_t r = 0; r < R; r++) ss += src[r] * src[r];
-        const float inv = 1.0f / sqrtf(ss / (float)R + eps);
-        for (int64_t r = 0; r < R; r++) row[r] = src[r] * inv * norm_w[r];
+        rms_norm_row(src, norm_w, row, R, eps);
         rotate(src + R, row + R, c, s, P / 2, interleaved);
     }
 }

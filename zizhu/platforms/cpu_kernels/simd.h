@@ -1,7 +1,8 @@
-/* AVX2 helpers shared by the CPU kernels. */
+/* Helpers shared by the CPU kernels: AVX2 reductions and loads, and one RMSNorm row. */
 #ifndef ZIZHU_SIMD_H
 #define ZIZHU_SIMD_H
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 static inline float hsum8(__m256 v) {
@@ -26,5 +27,12 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
 
 static inline __m256 widen8(const int8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+/* out = x * rsqrt(mean(x^2) + eps) * w, as torch's rms_norm computes it in fp32 */
+static inline void rms_norm_row(const float* x, const float* w, float* out, int64_t n, float eps) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
 }
 #endif
