@@ -15,7 +15,7 @@ import torch
 
 from zizhu.config import EngineConfig, ModelConfig
 from zizhu.engine.kv_cache import BlockManager
-from zizhu.engine.request import Request, Status
+from zizhu.engine.request import Request
 from zizhu.engine.runner import ModelRunner
 from zizhu.engine.sampler import SampledLogprobs, Sampler
 from zizhu.engine.scheduler import Scheduler
