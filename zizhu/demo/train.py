@@ -40,7 +40,7 @@ TOKENIZER_CORPUS = 20_000  # problems the BPE is trained on
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 5200  # the shipped checkpoint's run
     batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
