@@ -217,12 +217,12 @@ FAMILY_WEIGHTS = {"add": 1.0, "sub": 1.5, "mul": 1.5, "sort": 2.0, "reverse": 0.
 
 class TrainingStream:
     """An endless, seeded stream of training problems (never a held-out key), families drawn by
-    FAMILY_WEIGHTS."""
+    `weights` (FAMILY_WEIGHTS unless given)."""
 
-    def __init__(self, seed: int, families: tuple[str, ...] = FAMILIES):
+    def __init__(self, seed: int, families: tuple[str, ...] = FAMILIES, weights: dict[str, float] | None = None):
         self.rng = random.Random(seed)
         self.families = families
-        self.weights = [FAMILY_WEIGHTS[f] for f in families]
+        self.weights = [(weights or FAMILY_WEIGHTS)[f] for f in families]
 
     def take(self, n: int, level: int = MAX_LEVEL) -> list[Problem]:
         draws = self.rng.choices(self.families, self.weights, k=n)
