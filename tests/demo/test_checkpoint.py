@@ -45,8 +45,7 @@ def demo_model(config) -> DemoModel:
     model = DemoModel(cfg)
     state = load_file(DEMO_MODEL_DIR / "model.safetensors")
     mtp = cfg.num_hidden_layers
-    shared_copies = {f"model.layers.{mtp}.embed_tokens.weight", f"model.layers.{mtp}.shared_head.head.weight"}
-    model.load_state_dict({k: v for k, v in state.items() if k not in shared_copies})
+    model.load_checkpoint_state(state)
     assert torch.equal(state[f"model.layers.{mtp}.embed_tokens.weight"], state["model.embed_tokens.weight"])
     assert torch.equal(state[f"model.layers.{mtp}.shared_head.head.weight"], state["lm_head.weight"])
     return model.eval()

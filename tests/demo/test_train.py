@@ -16,7 +16,7 @@ def test_tail_continues_from_the_written_checkpoint(tmp_path):
     tiny = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "q_lora_rank": 16,
             "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}
     main = train.TrainConfig(steps=3, batch_size=4, bucket=2, workers=1)
-    train.run(tmp_path, 0, main, tiny, tail=None)
+    train.run(tmp_path, 0, main, tiny, tail=train.TrainConfig(steps=0))
     before = load_file(tmp_path / "model.safetensors")
     train.polish(tmp_path, 0, train.TrainConfig(steps=3, batch_size=4, bucket=2, lr=1e-2, warmup=1, ramp=0.0, workers=1), tiny)
     after = load_file(tmp_path / "model.safetensors")

@@ -361,3 +361,13 @@ class DemoModel(nn.Module):
             state[f"model.layers.{i}.embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
             state[f"model.layers.{i}.shared_head.head.weight"] = state["lm_head.weight"].clone()
         return state
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """The inverse of `checkpoint_state`: the MTP layers' copies of the embedding and head are
+        dropped (the model shares the originals), everything else must match exactly."""
+        copies = {
+            f"model.layers.{i}.{name}.weight"
+            for i in range(self.cfg.num_hidden_layers, len(self.model.layers))
+            for name in ("embed_tokens", "shared_head.head")
+        }
+        self.load_state_dict({k: v for k, v in state.items() if k not in copies})

@@ -237,8 +237,7 @@ def polish(out: Path, seed: int, cfg: TrainConfig = TAIL, model_cfg: dict | None
     torch.manual_seed(seed)
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     model = DemoModel(DemoConfig(vocab_size=tokenizer.get_vocab_size(), **(model_cfg or {})))
-    state = load_file(out / "model.safetensors")
-    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
+    model.load_checkpoint_state(load_file(out / "model.safetensors"))
     train(model, tokenizer, seed + TAIL_SEED_OFFSET, cfg, weights=TAIL_WEIGHTS)
     save_model(model, out)
 
@@ -253,9 +252,9 @@ def _worker(rank: int, port: int, out: Path, seed: int, cfg: TrainConfig, model_
         dist.destroy_process_group()
 
 
-def run(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None, tail: TrainConfig | None = TAIL) -> None:
+def run(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None, tail: TrainConfig = TAIL) -> None:
     """The main run with `cfg.workers` data-parallel processes (or in this process when there is one),
-    then the sort-heavy tail unless `tail` is None."""
+    then the sort-heavy tail (none when `tail.steps` is 0)."""
     if cfg.workers == 1:
         build(out, seed, cfg, model_cfg)
     else:
@@ -263,7 +262,7 @@ def run(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None, t
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         mp.spawn(_worker, args=(port, out, seed, cfg, model_cfg), nprocs=cfg.workers)
-    if tail is not None and tail.steps > 0:
+    if tail.steps:
         polish(out, seed, tail, model_cfg)
 
 
