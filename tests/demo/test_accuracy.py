@@ -13,8 +13,20 @@ if not hasattr(zizhu, "LLM"):
     pytest.skip("zizhu.LLM is not available on this branch yet", allow_module_level=True)
 
 SLICE = 120  # twenty problems per family
-# Families the shipped model does not yet answer at the 99% bar (sort: 88.6% of 167 held-out problems).
-BELOW_TARGET = {"sort"}
+TARGET = 0.99
+# Families the shipped model does not yet answer at the 99% bar, with the accuracy it measures on the
+# full held-out set. They are held to that figure less a margin instead of the target: a better model
+# still passes, and an engine bug, which breaks far more than a few problems, still fails.
+BELOW_TARGET = {"sort": 0.886}
+MARGIN = 0.1
+
+
+def allowed_misses(family: str, n: int) -> int:
+    """How many of `n` problems a family may miss: none at the target, else its measured share plus
+    the margin (sort: 4 of 20)."""
+    if family not in BELOW_TARGET:
+        return 0
+    return int(n * (1 - BELOW_TARGET[family] + MARGIN))
 
 
 @pytest.fixture(scope="module")
@@ -33,21 +45,13 @@ def slice_answers(llm):
     return problems, greedy(llm, [prompt_text(p.prompt) for p in problems])
 
 
-@pytest.mark.parametrize(
-    "family",
-    [
-        pytest.param(f, marks=pytest.mark.xfail(strict=True, reason="below the 99% target; see BELOW_TARGET"))
-        if f in BELOW_TARGET
-        else f
-        for f in tasks.FAMILIES
-    ],
-)
+@pytest.mark.parametrize("family", tasks.FAMILIES)
 def test_held_out_slice_is_answered_correctly(slice_answers, family):
     problems, texts = slice_answers
     rows = [(p, t) for p, t in zip(problems, texts) if p.family == family]
     wrong = [(p.prompt, p.answer, t) for p, t in rows if answer_of(t) != p.answer]
     assert len(rows) == SLICE // len(tasks.FAMILIES)
-    assert not wrong, wrong
+    assert len(wrong) <= allowed_misses(family, len(rows)), wrong
 
 
 def test_chat_applies_the_thinking_template(llm):
@@ -77,5 +81,4 @@ def test_full_held_out_set():
 
     scores = evaluate(DEMO_MODEL_DIR, n=1000, backend="zizhu")
     for s in scores.values():
-        if s.family not in BELOW_TARGET:
-            assert s.accuracy >= 0.99, s
+        assert s.accuracy >= BELOW_TARGET.get(s.family, TARGET), s
