@@ -230,40 +230,46 @@ def build(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None,
         save_tokenizer(tokenizer, out, model_max_length=model.cfg.max_position_embeddings)
 
 
-def polish(out: Path, seed: int, cfg: TrainConfig = TAIL, model_cfg: dict | None = None) -> None:
-    """The second stage: reload the directory the main run wrote, train TAIL on a sort-heavy stream
-    with a fresh optimizer (one process, both cores) and write it back."""
-    torch.set_num_threads(2)
+def polish(out: Path, seed: int, cfg: TrainConfig = TAIL, model_cfg: dict | None = None, rank: int = 0) -> None:
+    """The second stage: reload the directory the main run wrote, train `cfg` on a sort-heavy stream
+    with a fresh optimizer and write it back (worker 0 writes)."""
+    torch.set_num_threads(1 if dist.is_initialized() else 2)
     torch.manual_seed(seed)
     tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
     model = DemoModel(DemoConfig(vocab_size=tokenizer.get_vocab_size(), **(model_cfg or {})))
     model.load_checkpoint_state(load_file(out / "model.safetensors"))
     train(model, tokenizer, seed + TAIL_SEED_OFFSET, cfg, weights=TAIL_WEIGHTS)
-    save_model(model, out)
+    if rank == 0:
+        save_model(model, out)
 
 
-def _worker(rank: int, port: int, out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None) -> None:
+def _worker(rank: int, port: int, stage, workers: int, args: tuple) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=cfg.workers)
+    dist.init_process_group("gloo", rank=rank, world_size=workers)
     try:
-        build(out, seed, cfg, model_cfg, rank)
+        stage(*args, rank=rank)
     finally:
         dist.destroy_process_group()
 
 
+def _launch(stage, workers: int, *args) -> None:
+    """`stage(*args)` in this process, or in `workers` data-parallel processes."""
+    if workers == 1:
+        stage(*args)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, stage, workers, args), nprocs=workers)
+
+
 def run(out: Path, seed: int, cfg: TrainConfig, model_cfg: dict | None = None, tail: TrainConfig = TAIL) -> None:
-    """The main run with `cfg.workers` data-parallel processes (or in this process when there is one),
-    then the sort-heavy tail (none when `tail.steps` is 0)."""
-    if cfg.workers == 1:
-        build(out, seed, cfg, model_cfg)
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_worker, args=(port, out, seed, cfg, model_cfg), nprocs=cfg.workers)
+    """The main run, then the sort-heavy tail (none when `tail.steps` is 0), each with its own
+    number of data-parallel workers."""
+    _launch(build, cfg.workers, out, seed, cfg, model_cfg)
     if tail.steps:
-        polish(out, seed, tail, model_cfg)
+        _launch(polish, tail.workers, out, seed, tail, model_cfg)
 
 
 def main(argv: list[str] | None = None) -> None:
