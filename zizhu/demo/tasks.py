@@ -118,7 +118,13 @@ def mul_reasoning(a: int, b: int) -> str:
 
 def sort_reasoning(values: list[int]) -> str:
     """Insertion sort: `7, 52 | 31, 18`, the first number left is put into its place in the sorted part.
-    Each line drops the head of the rest and copies the sorted part with one number slotted in."""
+    Each line drops the head of the rest and copies the sorted part with one number slotted in.
+
+    Numbers stay digit by digit, as in the arithmetic traces. Most sort errors are a moved number's
+    ones digit taken from its neighbour (5, 71, 93 | 64 -> 5, 61, 74, 93), and writing each number as
+    one token (`#64`) fixes many of them when sort is trained alone (92.8% vs 82.0% held-out after the
+    same 1,200 steps), but in the mixed run it halved how fast add, sub and mul learn: their traces
+    lean on the same digit copying."""
     done, lines = [], []
     for i, v in enumerate(values):
         done = sorted([*done, v])
