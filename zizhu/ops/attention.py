@@ -117,7 +117,8 @@ def mla_prefill(
     kv = F.linear(c_kv, kv_b_weight).view(length, num_heads, qk_nope_head_dim + v_head_dim)
     k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)
     k = torch.cat([k_nope, k_pe[:, None, :].expand(length, num_heads, rope_dim)], dim=-1)
-    v = F.pad(v, (0, q.shape[-1] - v_head_dim))
+    if v_head_dim < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - v_head_dim))
     if num_q == length:
         mask = None
         causal = True
