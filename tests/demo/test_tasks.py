@@ -76,7 +76,8 @@ def test_multiplication_trace(a, b):
 def test_word_and_list_traces():
     assert tasks.reverse_reasoning("abc") == "abc\nab|c\na|cb\n|cba"
     assert tasks.count_reasoning("r", "rear") == "r=r 1 'ear'\ne≠r 1 'ar'\na≠r 1 'r'\nr=r 2"
-    assert tasks.sort_reasoning([5, 3, 9]) == "5 | 3, 9\n3, 5 | 9\n3, 5, 9 |"
+    assert tasks.sort_reasoning([5, 3, 9]) == "5 | 3, 9\n>3, 5 | 9\n3, 5, >9 |"
+    assert tasks.sort_reasoning([52, 7, 31, 18]) == "52 | 7, 31, 18\n>7, 52 | 31, 18\n7, >31, 52 | 18\n7, >18, 31, 52 |"
 
 
 def test_every_answer_is_right_and_follows_the_reasoning():
@@ -91,8 +92,10 @@ def test_every_answer_is_right_and_follows_the_reasoning():
             elif family == "sort":
                 values = [int(v) for v in re.findall(r"\d+", p.prompt)]
                 assert p.answer == ", ".join(map(str, sorted(values)))
-                last = p.reasoning.split("\n")[-1]
-                assert [int(v) for v in last.rstrip(" |").split(", ")] == sorted(values)
+                lines = p.reasoning.split("\n")
+                assert [int(v) for v in lines[-1].rstrip(" |").replace(">", "").split(", ")] == sorted(values)
+                for line, value in zip(lines[1:], values[1:]):  # the number slotted in, and only it, is marked
+                    assert re.findall(r">(\d+)", line) == [str(value)]
             elif family == "reverse":
                 assert f"'{p.answer[::-1]}'" in p.prompt
                 assert p.reasoning.split("\n")[-1] == "|" + p.answer

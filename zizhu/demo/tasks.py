@@ -6,7 +6,7 @@ and both parts are fully determined by the problem, so greedy decoding has exact
     add       What is 4821 + 3957?                  column sums from the units up
     sub       What is 4821 - 3957?                  column differences with borrows
     mul       What is 4821 * 7?                     digit products with carries
-    sort      Sort these numbers: 52, 7, 31.        insert each number into the sorted part
+    sort      Sort these numbers: 52, 7, 31.        insert each number into the sorted part, marked
     reverse   Reverse the word 'planet'.            move letters one by one to the reversed part
     count     How many times does the letter 'r' appear in 'strawberry'?   compare, running count
 
@@ -117,18 +117,22 @@ def mul_reasoning(a: int, b: int) -> str:
 
 
 def sort_reasoning(values: list[int]) -> str:
-    """Insertion sort: `7, 52 | 31, 18`, the first number left is put into its place in the sorted part.
-    Each line drops the head of the rest and copies the sorted part with one number slotted in.
+    """Insertion sort: `7, >31, 52 | 18`, the first number left is put into its place in the sorted
+    part, marked with `>` on the line where it lands. Each line drops the head of the rest and copies
+    the sorted part with one number slotted in.
 
-    Numbers stay digit by digit, as in the arithmetic traces. Most sort errors are a moved number's
-    ones digit taken from its neighbour (5, 71, 93 | 64 -> 5, 61, 74, 93), and writing each number as
-    one token (`#64`) fixes many of them when sort is trained alone (92.8% vs 82.0% held-out after the
-    same 1,200 steps), but in the mixed run it halved how fast add, sub and mul learn: their traces
-    lean on the same digit copying."""
+    The mark is what makes the moved number's digits stick together. Without it most sort errors were
+    a moved number's ones digit copied from the number that stood in its place on the line above
+    (5, 71, 93 | 64 -> 5, 61, 74, 93): the model copies the line above position by position, and a
+    slotted-in number looks like one more position. After `>` it has a token of its own to copy from
+    the head of the rest (sort alone, 1,200 steps: 165/167 held-out vs 137/167 unmarked). Numbers stay
+    digit by digit, as in the arithmetic traces: written as one token each (`#64`) they cost add, sub
+    and mul half their learning speed in the mixed run, since those lean on the same digit copying."""
     done, lines = [], []
     for i, v in enumerate(values):
         done = sorted([*done, v])
-        lines.append(f"{', '.join(map(str, done))} | {', '.join(map(str, values[i + 1 :]))}".rstrip())
+        slotted = ", ".join(f">{x}" if i and x == v else str(x) for x in done)
+        lines.append(f"{slotted} | {', '.join(map(str, values[i + 1 :]))}".rstrip())
     return "\n".join(lines)
 
 
