@@ -210,3 +210,23 @@ def test_linear(platform, rows, k):
     dev = platform.device
     torch.testing.assert_close(platform.linear(x.to(dev), w.to(dev)).cpu(), x @ w.T, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(platform.linear(x.to(dev), w.to(dev), b.to(dev)).cpu(), x @ w.T + b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 7), (3, 129), (9, 1000), (64, 4099)])
+def test_argmax(platform, rows, vocab):
+    """Greedy tokens exactly as torch picks them: the first index on ties (a tie planted after the
+    maximum and one before it), rows of -inf, a NaN winning its row, and a row view with a stride."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(rows, vocab + 5, generator=g)[:, 2 : vocab + 2]  # rows strided, not contiguous
+    top = logits.argmax(dim=-1)
+    logits[0, -1] = logits[0].max()  # a later tie: the first index still wins
+    if rows > 1:
+        logits[1, 0] = logits[1].max()  # an earlier tie: it wins
+    if rows > 2:
+        logits[2] = float("-inf")
+        logits[-1, vocab // 2] = float("nan")
+    dev = platform.device
+    got = platform.argmax(logits.to(dev)).cpu()
+    want = logits.argmax(dim=-1)
+    assert torch.equal(got, want)
+    assert int(got[0]) == int(top[0])

@@ -94,7 +94,7 @@ class LLMEngine:
         max_batched = engine_config.max_num_batched_tokens or 2048
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs, max_batched)
         self.runner = ModelRunner(self.model, kv_caches, bs, platform)
-        self.sampler = Sampler(model_config.eos_token_ids, seed=seed)
+        self.sampler = Sampler(model_config.eos_token_ids, seed=seed, argmax=platform.argmax)
         self.parents: dict[str, _Parent] = {}
         self.text_states: dict[str, _TextState] = {}
         self.prompt_tokens_total = 0

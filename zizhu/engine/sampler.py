@@ -8,6 +8,8 @@ step, so its tokens do not depend on which other requests share the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 
@@ -23,9 +25,15 @@ class SampledLogprobs:
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: tuple[int, ...], seed: int = 0):
+    def __init__(
+        self,
+        eos_token_ids: tuple[int, ...],
+        seed: int = 0,
+        argmax: Callable[[torch.Tensor], torch.Tensor] = partial(torch.argmax, dim=-1),
+    ):
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator().manual_seed(seed)
+        self.argmax = argmax  # the platform's: greedy rows over the whole vocabulary
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[SampledLogprobs | None]]:
         logits = logits.float()
@@ -35,7 +43,7 @@ class Sampler:
         logits = self._apply_penalties(logits, requests)
         self._block_early_stop(logits, requests)
 
-        tokens = logits.argmax(dim=-1)
+        tokens = self.argmax(logits)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if random_rows:
             rows = torch.tensor(random_rows)

@@ -86,6 +86,12 @@ class Platform:
             q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale, paged_attention=self.paged_mla_decode
         )
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens of `[B, V]` logits: each row's first index of its maximum, a NaN counting as
+        the maximum (torch's rule). Over a large vocabulary at many rows this is a visible part of a
+        decode step, so a platform may scan rows its own way."""
+        return logits.argmax(dim=-1)
+
     # ------------------------------------------------------------------ graphs
     def capture_graph(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """Return a faster callable for a fixed-shape step (CUDA graphs, compiled kernels); default as is."""

@@ -72,6 +72,12 @@ class CpuPlatform(Platform):
             return out if bias is None else out + bias
         return torch.nn.functional.linear(x, weight, bias)
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        lib = cpu_kernels.load()
+        if lib is not None and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(-1) == 1 and logits.shape[-1]:
+            return cpu_kernels.argmax_rows(lib, logits)
+        return super().argmax(logits)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         lib = cpu_kernels.load()
         if lib is not None and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous():

@@ -22,7 +22,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = [SOURCE_DIR / name for name in ("gemm.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
+SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "gemm.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -73,6 +73,8 @@ def load() -> ctypes.CDLL | None:
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
         + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     )
+    lib.argmax_rows_f32.restype = None
+    lib.argmax_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.rms_norm_f32.restype = None
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     return lib
@@ -197,3 +199,11 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float
     out = torch.empty(x2.shape, dtype=torch.float32)
     lib.rms_norm_f32(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), x2.shape[0], x2.shape[1], eps, torch.get_num_threads())
     return out.view(x.shape)
+
+
+def argmax_rows(lib: ctypes.CDLL, logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)` for `[B, V]` fp32 logits with unit column stride: int64 `[B]`."""
+    rows, cols = logits.shape
+    out = torch.empty(rows, dtype=torch.int64)
+    lib.argmax_rows_f32(logits.data_ptr(), logits.stride(0), rows, cols, out.data_ptr(), torch.get_num_threads())
+    return out
