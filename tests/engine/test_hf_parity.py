@@ -89,3 +89,17 @@ def test_prefix_cache_hit_gives_same_tokens(tiny_checkpoints):
     assert second.num_cached_tokens == (len(prompt) - 1) // 4 * 4
     assert first.outputs[0].token_ids == second.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
     _assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("name", ENGINE_CONFIGS)
+def test_same_length_prompts_prefilled_together_match_hf(tiny_checkpoints, name):
+    """Prompts of equal length share one prefill attention call per layer (two groups here, of four
+    and of two); each must still get its own answer."""
+    path, hf = tiny_checkpoints[name]
+    llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=1 << 20)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, hf.config.vocab_size, (n,), generator=g).tolist() for n in (11, 7, 11, 11, 7, 11)]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 8)
+    _assert_all_blocks_free(llm)

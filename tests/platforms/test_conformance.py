@@ -80,6 +80,23 @@ def test_mla_prefill_with_cached_prefix(platform):
         torch.testing.assert_close(got[i].cpu(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_q,length", [(6, 6), (3, 10)])
+def test_mla_prefill_grouped(platform, num_q, length):
+    """Sequences of the same lengths in one call (a leading group dim) answer as they do one by one:
+    new prompts (causal) and chunks after a cached prefix."""
+    g = torch.Generator().manual_seed(2)
+    heads, nope, rope, v, rank, groups = 4, 16, 8, 12, 32, 5
+    context = torch.randn(groups, length, rank + rope, generator=g)
+    kv_b = torch.randn(heads * (nope + v), rank, generator=g) * 0.2
+    q = torch.randn(groups, num_q, heads, nope + rope, generator=g)
+    dev = platform.device
+    got = platform.mla_prefill(q.to(dev), context.to(dev), kv_b.to(dev), heads, nope, v, 0.25).cpu()
+    assert got.shape == (groups, num_q, heads, v)
+    for i in range(groups):
+        one = ops.mla_prefill(q[i], context[i], kv_b, heads, nope, v, 0.25)
+        torch.testing.assert_close(got[i], one, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 37])
 def test_moe_experts(platform, tokens):
     """fp32 experts against the formula; token counts cover one token, tile tails and full tiles."""

@@ -91,10 +91,21 @@ class MLAttention(nn.Module):
                 batch.block_tables[:n_dec], batch.seq_lens[:n_dec], self.scale,
             ).to(out.dtype)
         if n_dec < len(batch.seq_lens_cpu):
-            for s, start, end, length in batch.prefills():
-                context = gather_context(cache, batch.block_tables[s], length)
-                out[start:end] = self.platform.mla_prefill(
-                    q[start:end], context, self.kv_b_proj.weight,
-                    self.num_heads, self.nope_dim, self.v_dim, self.scale,
-                )
+            self._prefill(q, batch, cache, out)
         return self.o_proj(out.view(num_tokens, -1))
+
+    def _prefill(self, q: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor, out: torch.Tensor) -> None:
+        """Prefill attention, one call per group of sequences with the same query and context lengths
+        (new prompts of one length are one call, not one each)."""
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for s, start, end, length in batch.prefills():
+            groups.setdefault((end - start, length), []).append((s, start))
+        for (num_q, length), members in groups.items():
+            seqs = [s for s, _ in members]
+            context = gather_context(cache, batch.block_tables[seqs], length)
+            queries = torch.stack([q[start : start + num_q] for _, start in members])
+            result = self.platform.mla_prefill(
+                queries, context, self.kv_b_proj.weight, self.num_heads, self.nope_dim, self.v_dim, self.scale,
+            )
+            for (_, start), rows in zip(members, result):
+                out[start : start + num_q] = rows
