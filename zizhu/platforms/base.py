@@ -3,9 +3,10 @@
 A vendor adds a chip by subclassing `Platform` and overriding what its hardware does better:
 the hot ops (paged MLA decode, absorbed or not, MLA prefill, the latent write with RoPE, MoE
 routing and experts, full-precision and int8 projections, RMSNorm, KV-cache writes, greedy
-argmax), the KV-cache layout and allocation, memory queries, graph capture and the torch.distributed backend. Every
-default here is a correct reference, so a new platform works first and gets fast second. Prove a
-platform with `tests/platforms/test_conformance.py`, which checks its ops against the references.
+argmax), the KV-cache layout and allocation, memory queries, graph capture and the
+torch.distributed backend. Every default here is a correct reference, so a new platform works
+first and gets fast second. Prove a platform with `tests/platforms/test_conformance.py`, which
+checks its ops against the references.
 """
 
 from __future__ import annotations
