@@ -7,6 +7,7 @@ import torch
 
 from tests.checkpoints import ENGINE_CONFIGS, hf_greedy
 from zizhu import LLM, SamplingParams
+from zizhu.layers import mla
 from zizhu.layers.batch import AttentionBatch
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -91,10 +92,13 @@ def test_prefix_cache_hit_gives_same_tokens(tiny_checkpoints):
     _assert_all_blocks_free(llm)
 
 
+@pytest.mark.parametrize("group_rows", [8192, 22])
 @pytest.mark.parametrize("name", ENGINE_CONFIGS)
-def test_same_length_prompts_prefilled_together_match_hf(tiny_checkpoints, name):
+def test_same_length_prompts_prefilled_together_match_hf(tiny_checkpoints, name, group_rows, monkeypatch):
     """Prompts of equal length share one prefill attention call per layer (two groups here, of four
-    and of two); each must still get its own answer."""
+    and of two), or a few when a group's context rows are capped (22 rows: calls of 2, 2 and 2);
+    each must still get its own answer."""
+    monkeypatch.setattr(mla, "PREFILL_GROUP_ROWS", group_rows)
     path, hf = tiny_checkpoints[name]
     llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=1 << 20)
     g = torch.Generator().manual_seed(5)

@@ -17,6 +17,9 @@ from zizhu.layers.norm import RMSNorm
 from zizhu.layers.rope import RotaryEmbedding
 from zizhu.ops.attention import gather_context
 
+# Context rows one grouped prefill call decompresses (64 new 128-token prompts fit in one call).
+PREFILL_GROUP_ROWS = 8192
+
 
 class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype, rotary: RotaryEmbedding):
@@ -96,16 +99,23 @@ class MLAttention(nn.Module):
 
     def _prefill(self, q: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor, out: torch.Tensor) -> None:
         """Prefill attention, one call per group of sequences with the same query and context lengths
-        (new prompts of one length are one call, not one each)."""
+        (new prompts of one length are one call, not one each). A group decompresses K and V for all
+        its contexts at once, so it is cut to PREFILL_GROUP_ROWS context rows: long cached prefixes
+        go a few at a time, as they did one by one."""
         groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for s, start, end, length in batch.prefills():
             groups.setdefault((end - start, length), []).append((s, start))
-        for (num_q, length), members in groups.items():
-            seqs = [s for s, _ in members]
-            context = gather_context(cache, batch.block_tables[seqs], length)
-            queries = torch.stack([q[start : start + num_q] for _, start in members])
-            result = self.platform.mla_prefill(
-                queries, context, self.kv_b_proj.weight, self.num_heads, self.nope_dim, self.v_dim, self.scale,
-            )
-            for (_, start), rows in zip(members, result):
-                out[start : start + num_q] = rows
+        for (num_q, length), same in groups.items():
+            per_call = max(1, PREFILL_GROUP_ROWS // length)
+            for i in range(0, len(same), per_call):
+                self._prefill_group(q, batch, cache, out, num_q, length, same[i : i + per_call])
+
+    def _prefill_group(self, q, batch, cache, out, num_q: int, length: int, members: list[tuple[int, int]]) -> None:
+        seqs = [s for s, _ in members]
+        context = gather_context(cache, batch.block_tables[seqs], length)
+        queries = torch.stack([q[start : start + num_q] for _, start in members])
+        result = self.platform.mla_prefill(
+            queries, context, self.kv_b_proj.weight, self.num_heads, self.nope_dim, self.v_dim, self.scale,
+        )
+        for (_, start), rows in zip(members, result):
+            out[start : start + num_q] = rows
