@@ -23,7 +23,7 @@ MARGIN = 0.1
 
 def allowed_misses(family: str, n: int) -> int:
     """How many of `n` problems a family may miss: none at the target, else its measured share plus
-    the margin (sort: 4 of 20)."""
+    the margin (sub and sort: 2 of 20 each)."""
     if family not in BELOW_TARGET:
         return 0
     return int(n * (1 - BELOW_TARGET[family] + MARGIN))

@@ -43,13 +43,18 @@ class Sampler:
         logits = self._apply_penalties(logits, requests)
         self._block_early_stop(logits, requests)
 
-        tokens = self.argmax(logits)
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
+        # One full-vocabulary scan per row that needs it: greedy rows on the logits, sampled rows on
+        # the race below (a batch with no greedy row skips the first scan).
+        if len(random_rows) < len(requests):
+            tokens = self.argmax(logits)
+        else:
+            tokens = torch.empty(len(requests), dtype=torch.long)
         if random_rows:
             rows = torch.tensor(random_rows)
             probs = self._filtered_probs(logits[rows], [requests[i] for i in random_rows])
             noise = self._exponential_noise(probs.shape, [requests[i] for i in random_rows])
-            tokens[rows] = (probs / noise).argmax(dim=-1)
+            tokens[rows] = self.argmax(probs / noise)
         token_list = tokens.tolist()
         return token_list, self._logprobs(raw_logprobs, token_list, requests)
 
