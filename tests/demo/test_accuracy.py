@@ -17,7 +17,7 @@ TARGET = 0.99
 # Families the shipped model does not yet answer at the 99% bar, with the accuracy it measures on the
 # full held-out set. They are held to that figure less a margin instead of the target: a better model
 # still passes, and an engine bug, which breaks far more than a few problems, still fails.
-BELOW_TARGET = {"sub": 0.976, "sort": 0.958}
+BELOW_TARGET = {"sub": 0.982, "sort": 0.958}
 MARGIN = 0.1
 
 
