@@ -9,6 +9,7 @@ from tests.checkpoints import ENGINE_CONFIGS, hf_greedy
 from zizhu import LLM, SamplingParams
 from zizhu.layers import mla
 from zizhu.layers.batch import AttentionBatch
+from zizhu.platforms import cpu_kernels, get_platform
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
@@ -106,4 +107,25 @@ def test_same_length_prompts_prefilled_together_match_hf(tiny_checkpoints, name,
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 8)
+    _assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("name", ["tiny_deepseek_v2_lite", "tiny_deepseek_v3"])
+def test_vocab_head_in_platform_layout_matches_hf(tiny_checkpoints, name, monkeypatch):
+    """The vocabulary head as the platform lays it out after loading (on the CPU, column panels;
+    forced here for a head far below the size that gets them): logits at every prompt position and
+    batched greedy tokens still match HF."""
+    monkeypatch.setattr(type(get_platform()), "pack_min_bytes", 0, raising=False)
+    path, hf = tiny_checkpoints[name]
+    llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=1 << 20)
+    model = llm.engine.model
+    if cpu_kernels.load() is not None and llm.engine.platform.name == "cpu":
+        assert isinstance(model.lm_head.prepared, cpu_kernels.PackedWeight)
+    with torch.no_grad():
+        hidden = torch.randn(37, hf.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(model.compute_logits(hidden), hf.lm_head(hidden), atol=1e-4, rtol=0)
+    prompts = _prompts(hf.config.vocab_size)
+    outputs = llm.generate(prompts, GREEDY)
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
     _assert_all_blocks_free(llm)

@@ -9,6 +9,7 @@ import torch
 
 from zizhu import ops
 from zizhu.errors import ConfigError
+from zizhu.layers.quant import quantize_int8_rows
 from zizhu.platforms import Platform, get_platform
 
 
@@ -227,6 +228,26 @@ def test_linear(platform, rows, k):
     dev = platform.device
     torch.testing.assert_close(platform.linear(x.to(dev), w.to(dev)).cpu(), x @ w.T, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(platform.linear(x.to(dev), w.to(dev), b.to(dev)).cpu(), x @ w.T + b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 40, 24), (5, 37, 33), (6, 16, 8), (13, 1003, 256), (70, 50, 1024)])
+def test_prepared_linear(platform, rows, n, k, monkeypatch):
+    """A weight in the platform's own layout (prepare_linear; every size prepared here, however
+    small) gives the same product, full precision and int8: partial panels and row tiles, strided
+    rows, a bias."""
+    if hasattr(platform, "pack_min_bytes"):
+        monkeypatch.setattr(platform, "pack_min_bytes", 0)
+    g = torch.Generator().manual_seed(9)
+    wide = torch.randn(rows, k + 5, generator=g)
+    x, w, b = wide[:, :k], torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    dev = platform.device
+    prepared = platform.prepare_linear(w.clone().to(dev))  # it may take over the weight's storage
+    torch.testing.assert_close(platform.linear(x.to(dev), prepared).cpu(), x @ w.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(platform.linear(x[None].to(dev), prepared, b.to(dev)).cpu(), (x @ w.T + b)[None], atol=1e-4, rtol=1e-4)
+    q, scale = quantize_int8_rows(w)
+    prepared = platform.prepare_linear(q.clone().to(dev))
+    want = x @ (q.float() * scale[:, None]).T
+    torch.testing.assert_close(platform.int8_linear(x.to(dev), prepared, scale.to(dev)).cpu(), want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 7), (3, 129), (9, 1000), (64, 4099)])

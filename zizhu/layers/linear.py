@@ -14,6 +14,16 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype)
         self.weight.requires_grad_(False)
         self.platform = platform
+        self.prepared = None  # the platform's own layout of the weight, once `prepare` has run
+
+    def prepare(self) -> None:
+        """Hand the loaded weight to the platform, which may keep it in a layout of its own kernels
+        (the CPU packs the vocabulary projection into column panels). The weight is then no longer
+        an [out, in] tensor, so call this only on a projection nothing else reads, never on a tied one."""
+        prepared = self.platform.prepare_linear(self.weight)
+        if prepared is not self.weight:
+            del self.weight  # the prepared layout holds the same values; keep one copy in memory
+            self.prepared = prepared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.platform.linear(x, self.weight, self.bias)
+        return self.platform.linear(x, self.weight if self.prepared is None else self.prepared, self.bias)

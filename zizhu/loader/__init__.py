@@ -38,6 +38,7 @@ def load_model(
             quantize(model)  # what lies outside the layers: lm_head
         else:
             model.load_weights(iter_weights(model_dir, fp8_block=block))
+        model.prepare_weights()
     model.eval()
     logger.info("loaded %s in %.1fs", model_dir, time.perf_counter() - start)
     return model

@@ -71,6 +71,13 @@ class DeepseekForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def prepare_weights(self) -> None:
+        """After loading (and quantizing): let the platform lay out the weights that only the
+        forward pass reads. Today the vocabulary head (full precision or int8), the largest one,
+        unless the embedding shares it."""
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head.prepare()
+
     # ------------------------------------------------------------------ loading
     def load_weights(
         self, weights: Iterable[tuple[str, torch.Tensor]], on_layer_loaded: Callable[[nn.Module], None] | None = None

@@ -2,11 +2,11 @@
 
 A vendor adds a chip by subclassing `Platform` and overriding what its hardware does better:
 the hot ops (paged MLA decode, absorbed or not, MLA prefill, the latent write with RoPE, MoE
-routing and experts, full-precision and int8 projections, RMSNorm, KV-cache writes, greedy
-argmax), the KV-cache layout and allocation, memory queries, graph capture and the
-torch.distributed backend. Every default here is a correct reference, so a new platform works
-first and gets fast second. Prove a platform with `tests/platforms/test_conformance.py`, which
-checks its ops against the references.
+routing and experts, full-precision and int8 projections and the layout of the weight they read,
+RMSNorm, KV-cache writes, greedy argmax), the KV-cache layout and allocation, memory queries,
+graph capture and the torch.distributed backend. Every default here is a correct reference, so
+a new platform works first and gets fast second. Prove a platform with
+`tests/platforms/test_conformance.py`, which checks its ops against the references.
 """
 
 from __future__ import annotations
@@ -71,6 +71,13 @@ class Platform:
     moe_experts = staticmethod(ops.moe_experts)
     int8_linear = staticmethod(ops.int8_linear)
     linear = staticmethod(F.linear)  # the model's full-precision projections
+
+    def prepare_linear(self, weight: torch.Tensor):
+        """The form in which `linear` (or `int8_linear`, for an int8 weight) will receive this
+        projection weight, chosen once after loading: a platform may repack it for its kernels, in
+        the weight's own storage, so the caller must not read `weight` afterwards. Default: the
+        weight itself."""
+        return weight
 
     def mla_write_latent(self, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping) -> None:
         """Normalise c_kv, rotate k_pe and q's rope dims (in place), store the latent (see

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "gemm.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
+SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "gemm.c", "gemm_packed.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -56,6 +57,11 @@ def load() -> ctypes.CDLL | None:
     lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.gemm_f32.restype = None
     lib.gemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    for kind in ("f32", "i8"):
+        pack, gemm = getattr(lib, f"pack_{kind}_panels"), getattr(lib, f"gemm_{kind}_packed")
+        pack.restype = gemm.restype = None
+        pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.moe_f32.restype = None
     lib.moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.mla_decode_f32.restype = None
@@ -102,6 +108,52 @@ def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch
     x2, (n, k) = _rows(x), weight.shape
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     lib.gemm_f32(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+PANEL = 16  # output columns per panel of a packed weight (gemm_packed.c)
+
+
+_PACKED_KINDS = {torch.float32: "f32", torch.int8: "i8"}
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """An fp32 or int8 `[out_features, in_features]` weight repacked in place for gemm_packed.c:
+    `panels[p, k, j]` is row 16p + j, column k of the original; the last out_features % 16 rows sit
+    zero-padded in `tail`."""
+
+    panels: torch.Tensor  # [out // 16, in, 16], the original weight's storage
+    tail: torch.Tensor  # [in, 16]
+    out_features: int
+    in_features: int
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return weight.dtype in _PACKED_KINDS and weight.dim() == 2 and weight.is_contiguous()
+
+
+def pack_weight(lib: ctypes.CDLL, weight: torch.Tensor) -> PackedWeight:
+    """Repack a weight (see can_pack) in place: its storage is reused, so do not read it as [N, K]
+    afterwards."""
+    n, k = weight.shape
+    tail = torch.zeros(k, PANEL, dtype=weight.dtype)
+    getattr(lib, f"pack_{_PACKED_KINDS[weight.dtype]}_panels")(weight.data_ptr(), tail.data_ptr(), n, k, torch.get_num_threads())
+    panels = weight.detach().view(-1)[: n // PANEL * PANEL * k].view(n // PANEL, k, PANEL)
+    return PackedWeight(panels, tail, n, k)
+
+
+def linear_packed(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 `x [..., K]` times a packed weight, int8 ones with their fp32 per-row `scale`:
+    `[..., out_features]`."""
+    x2, n = _rows(x), weight.out_features
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if x2.shape[0]:
+        gemm = getattr(lib, f"gemm_{_PACKED_KINDS[weight.panels.dtype]}_packed")
+        gemm(
+            x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), None if scale is None else scale.data_ptr(),
+            y.data_ptr(), x2.shape[0], n, weight.in_features, x2.stride(0), n, torch.get_num_threads(),
+        )
     return y.view(*x.shape[:-1], n)
 
 
