@@ -112,8 +112,6 @@ def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch
 
 
 PANEL = 16  # output columns per panel of a packed weight (gemm_packed.c)
-
-
 _PACKED_KINDS = {torch.float32: "f32", torch.int8: "i8"}
 
 
