@@ -120,7 +120,7 @@ def test_vocab_head_in_platform_layout_matches_hf(tiny_checkpoints, name, monkey
     llm = LLM(path, dtype="float32", block_size=4, kv_cache_memory=1 << 20)
     model = llm.engine.model
     if cpu_kernels.load() is not None and llm.engine.platform.name == "cpu":
-        assert isinstance(model.lm_head.prepared, cpu_kernels.PackedWeight)
+        assert isinstance(model.lm_head.weight, cpu_kernels.PackedWeight)
     with torch.no_grad():
         hidden = torch.randn(37, hf.config.hidden_size, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(model.compute_logits(hidden), hf.lm_head(hidden), atol=1e-4, rtol=0)

@@ -102,8 +102,8 @@ def test_int8_vocab_head_in_platform_layout(tiny_checkpoints, monkeypatch):
     monkeypatch.setattr(platform_type, "pack_min_bytes", 0, raising=False)
     packed = LLM(path, dtype="float32", kv_cache_memory=1 << 20, quantization="int8")
     if cpu_kernels.load() is not None and packed.engine.platform.name == "cpu":
-        assert isinstance(packed.engine.model.lm_head.prepared, cpu_kernels.PackedWeight)
-        assert plain.engine.model.lm_head.prepared is None
+        assert isinstance(packed.engine.model.lm_head.qweight, cpu_kernels.PackedWeight)
+        assert isinstance(plain.engine.model.lm_head.qweight, torch.Tensor)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (4, 9, 21)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)

@@ -14,16 +14,22 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, dtype=dtype)
         self.weight.requires_grad_(False)
         self.platform = platform
-        self.prepared = None  # the platform's own layout of the weight, once `prepare` has run
 
     def prepare(self) -> None:
-        """Hand the loaded weight to the platform, which may keep it in a layout of its own kernels
-        (the CPU packs the vocabulary projection into column panels). The weight is then no longer
-        an [out, in] tensor, so call this only on a projection nothing else reads, never on a tied one."""
-        prepared = self.platform.prepare_linear(self.weight)
-        if prepared is not self.weight:
-            del self.weight  # the prepared layout holds the same values; keep one copy in memory
-            self.prepared = prepared
+        """Hand the loaded weight to the platform (see `prepare_weight`)."""
+        prepare_weight(self, "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.platform.linear(x, self.weight if self.prepared is None else self.prepared, self.bias)
+        return self.platform.linear(x, self.weight, self.bias)
+
+
+def prepare_weight(module: nn.Module, name: str) -> None:
+    """Replace `module.<name>` by the platform's own layout of it (`Platform.prepare_linear`; the CPU
+    packs the vocabulary head into column panels), which the platform's linear ops then receive as
+    the weight. It may reuse the weight's storage and is no longer an [out, in] tensor, so call this
+    only on a projection nothing else reads, never on a tied one."""
+    weight = getattr(module, name)
+    prepared = module.platform.prepare_linear(weight)
+    if prepared is not weight:
+        delattr(module, name)  # drop the registered tensor: one copy of the values in memory
+        setattr(module, name, prepared)

@@ -12,6 +12,7 @@ import logging
 import torch
 from torch import nn
 
+from zizhu.layers.linear import prepare_weight
 from zizhu.layers.moe import MLP, Experts
 
 logger = logging.getLogger(__name__)
@@ -37,17 +38,13 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
         self.platform = platform
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.prepared = None  # the platform's own layout of qweight, once `prepare` has run
 
     def prepare(self) -> None:
-        """As Linear.prepare: the platform may keep qweight in a layout of its own kernels."""
-        prepared = self.platform.prepare_linear(self.qweight)
-        if prepared is not self.qweight:
-            del self.qweight
-            self.prepared = prepared
+        """Hand the loaded int8 weight to the platform (see `prepare_weight`)."""
+        prepare_weight(self, "qweight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.platform.int8_linear(x, self.qweight if self.prepared is None else self.prepared, self.scale)
+        out = self.platform.int8_linear(x, self.qweight, self.scale)
         return out if self.bias is None else out + self.bias
 
 

@@ -46,7 +46,7 @@ class CpuPlatform(Platform):
     def int8_linear(self, x: torch.Tensor, qweight, scale: torch.Tensor) -> torch.Tensor:
         lib = cpu_kernels.load()
         if isinstance(qweight, cpu_kernels.PackedWeight):  # prepare_linear made it, so lib exists
-            return cpu_kernels.linear_packed(lib, x.float() if x.dtype != torch.float32 else x, qweight, scale.float())
+            return cpu_kernels.linear_packed(lib, x.float(), qweight, scale.float())
         # The native kernel wins at every batch size measured (1-64 rows): the reference widens the
         # whole weight to fp32 in memory first, which costs more than the matmul it feeds.
         if (
@@ -76,7 +76,7 @@ class CpuPlatform(Platform):
     def linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
         lib = cpu_kernels.load()
         if isinstance(weight, cpu_kernels.PackedWeight):  # prepare_linear made it, so lib exists
-            out = cpu_kernels.linear_packed(lib, x.float() if x.dtype != torch.float32 else x, weight)
+            out = cpu_kernels.linear_packed(lib, x.float(), weight)
             return out if bias is None else out + bias
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         # Up to 32 rows the native kernel beats MKL's GEMM on the model's shapes (129,280 x 256 fp32:
