@@ -88,27 +88,3 @@ def test_layers_quantize_while_loading(tiny_checkpoints, monkeypatch):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
-
-
-def test_int8_vocab_head_in_platform_layout(tiny_checkpoints, monkeypatch):
-    """The int8 vocabulary head in the platform's own layout (forced here for a small head) gives the
-    row-major kernel's tokens and logprobs."""
-    from zizhu.platforms import cpu_kernels, get_platform
-
-    path, _ = tiny_checkpoints["tiny_deepseek_v3"]
-    platform_type = type(get_platform())
-    monkeypatch.setattr(platform_type, "pack_min_bytes", 1 << 62, raising=False)
-    plain = LLM(path, dtype="float32", kv_cache_memory=1 << 20, quantization="int8")
-    monkeypatch.setattr(platform_type, "pack_min_bytes", 0, raising=False)
-    packed = LLM(path, dtype="float32", kv_cache_memory=1 << 20, quantization="int8")
-    if cpu_kernels.load() is not None and packed.engine.platform.name == "cpu":
-        assert isinstance(packed.engine.model.lm_head.qweight, cpu_kernels.PackedWeight)
-        assert isinstance(plain.engine.model.lm_head.qweight, torch.Tensor)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(2, 256, (n,), generator=g).tolist() for n in (4, 9, 21)]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
-    for a, b in zip(plain.generate(prompts, params), packed.generate(prompts, params)):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            for token, entry in step_a.items():
-                assert abs(entry.logprob - step_b[token].logprob) < 1e-4

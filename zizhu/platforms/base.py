@@ -69,6 +69,10 @@ class Platform:
     mla_prefill = staticmethod(ops.mla_prefill)
     route_experts = staticmethod(ops.route_experts)
     moe_experts = staticmethod(ops.moe_experts)
+    # int8 weights (int8_linear, int8 experts in moe_experts) may meet activations rounded per row to
+    # int16, largest |x| to 32767, so integer multiply-adds can do the work: each output then moves by
+    # at most sum(|w|) * max|x| / 65534, far below the weights' own rounding, and a row's result still
+    # depends on that row alone. The conformance tests allow exactly that much.
     int8_linear = staticmethod(ops.int8_linear)
     linear = staticmethod(F.linear)  # the model's full-precision projections
 

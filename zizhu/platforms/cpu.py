@@ -45,10 +45,9 @@ class CpuPlatform(Platform):
 
     def int8_linear(self, x: torch.Tensor, qweight, scale: torch.Tensor) -> torch.Tensor:
         lib = cpu_kernels.load()
-        if isinstance(qweight, cpu_kernels.PackedWeight):  # prepare_linear made it, so lib exists
-            return cpu_kernels.linear_packed(lib, x.float(), qweight, scale.float())
         # The native kernel wins at every batch size measured (1-64 rows): the reference widens the
-        # whole weight to fp32 in memory first, which costs more than the matmul it feeds.
+        # whole weight to fp32 in memory first, which costs more than the matmul it feeds. It rounds
+        # each activation row to int16 (see Platform.int8_linear).
         if (
             lib is not None
             and x.dtype == torch.float32
@@ -60,8 +59,11 @@ class CpuPlatform(Platform):
             return cpu_kernels.int8_linear(lib, x, qweight, scale)
         return ops.int8_linear(x, qweight, scale)
 
-    # Projection weights (fp32 or int8) at least this large, which no cache holds (the vocabulary
-    # head), are repacked at load into 16-column panels (cpu_kernels/gemm_packed.c). Best of 5 on 2
+    # fp32 projection weights at least this large, which no cache holds (the vocabulary head), are
+    # repacked at load into 16-column panels (cpu_kernels/gemm_packed.c). int8 ones stay row-major:
+    # the integer kernel reads them faster than the panels did at 1 and 4 rows and at 64 rows with
+    # K = 1,024 (129,280 x 1,024: 5.2 vs 7.4 ms, 7.1 vs 11.5, 120 vs 143), though not at K = 256 and
+    # 16 rows or more (64 rows: 51 vs 38 ms) or K = 1,024 and 16 rows (37 vs 34). Best of 5 on 2
     # cores, fp32, row-major native kernel vs packed: 129,280 x 256 at 64 rows 47.8 vs 25.9 ms, 32 rows
     # 22.4 vs 14.4, 8 rows 6.9 vs 5.1, one row 4.1 vs 4.2; 129,280 x 1,024 at 64 rows 167 vs 109 ms,
     # one row 19.4 vs 17.8 (torch: 62 and 198 ms).

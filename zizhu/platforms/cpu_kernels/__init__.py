@@ -23,7 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "gemm.c", "gemm_packed.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
+SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "gemm.c", "gemm_int8.c", "gemm_packed.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -39,7 +39,7 @@ def load() -> ctypes.CDLL | None:
     if cc is None:
         logger.info("no C compiler found: using reference int8 matmul")
         return None
-    source = b"".join(path.read_bytes() for path in [*SOURCES, SOURCE_DIR / "simd.h"])
+    source = b"".join(path.read_bytes() for path in [*SOURCES, *sorted(SOURCE_DIR.glob("*.h"))])
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     digest = hashlib.sha256(source + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{digest}.so"
@@ -57,11 +57,9 @@ def load() -> ctypes.CDLL | None:
     lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.gemm_f32.restype = None
     lib.gemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-    for kind in ("f32", "i8"):
-        pack, gemm = getattr(lib, f"pack_{kind}_panels"), getattr(lib, f"gemm_{kind}_packed")
-        pack.restype = gemm.restype = None
-        pack.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-        gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.pack_f32_panels.restype = lib.gemm_f32_packed.restype = None
+    lib.pack_f32_panels.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.gemm_f32_packed.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.moe_f32.restype = None
     lib.moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.mla_decode_f32.restype = None
@@ -93,7 +91,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """fp32 `x [..., K]` times int8 `qweight [N, K]` with fp32 per-row `scale [N]`."""
+    """fp32 `x [..., K]` times int8 `qweight [N, K]` with fp32 per-row `scale [N]`, each row of x
+    rounded to int16 first (gemm_int8.c)."""
     x2, (n, k) = _rows(x), qweight.shape
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     lib.int8_gemm_f32(
@@ -112,12 +111,11 @@ def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch
 
 
 PANEL = 16  # output columns per panel of a packed weight (gemm_packed.c)
-_PACKED_KINDS = {torch.float32: "f32", torch.int8: "i8"}
 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """An fp32 or int8 `[out_features, in_features]` weight repacked in place for gemm_packed.c:
+    """An fp32 `[out_features, in_features]` weight repacked in place for gemm_packed.c:
     `panels[p, k, j]` is row 16p + j, column k of the original; the last out_features % 16 rows sit
     zero-padded in `tail`."""
 
@@ -128,7 +126,7 @@ class PackedWeight:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return weight.dtype in _PACKED_KINDS and weight.dim() == 2 and weight.is_contiguous()
+    return weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous()
 
 
 def pack_weight(lib: ctypes.CDLL, weight: torch.Tensor) -> PackedWeight:
@@ -136,20 +134,18 @@ def pack_weight(lib: ctypes.CDLL, weight: torch.Tensor) -> PackedWeight:
     afterwards."""
     n, k = weight.shape
     tail = torch.zeros(k, PANEL, dtype=weight.dtype)
-    getattr(lib, f"pack_{_PACKED_KINDS[weight.dtype]}_panels")(weight.data_ptr(), tail.data_ptr(), n, k, torch.get_num_threads())
+    lib.pack_f32_panels(weight.data_ptr(), tail.data_ptr(), n, k, torch.get_num_threads())
     panels = weight.detach().view(-1)[: n // PANEL * PANEL * k].view(n // PANEL, k, PANEL)
     return PackedWeight(panels, tail, n, k)
 
 
-def linear_packed(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 `x [..., K]` times a packed weight, int8 ones with their fp32 per-row `scale`:
-    `[..., out_features]`."""
+def linear_packed(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+    """fp32 `x [..., K]` times a packed weight: `[..., out_features]`."""
     x2, n = _rows(x), weight.out_features
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if x2.shape[0]:
-        gemm = getattr(lib, f"gemm_{_PACKED_KINDS[weight.panels.dtype]}_packed")
-        gemm(
-            x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), None if scale is None else scale.data_ptr(),
+        lib.gemm_f32_packed(
+            x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), None,
             y.data_ptr(), x2.shape[0], n, weight.in_features, x2.stride(0), n, torch.get_num_threads(),
         )
     return y.view(*x.shape[:-1], n)

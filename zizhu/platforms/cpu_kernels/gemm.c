@@ -1,9 +1,5 @@
-/* Weight-only GEMM for fp32 activations: y[M, N] = x[M, K] @ (w[N, K] * scale[N])^T.
- *
- * int8 weights serve CPUs without fast int8 or bf16 matmuls: every weight byte is read once and
- * widened in registers, so decode streams a quarter of the bytes of an fp32 weight. The same
- * loops are also built for fp32 weights (scale NULL), which the grouped MoE call uses for
- * unquantized experts.
+/* fp32 GEMM for few rows, y[M, N] = x[M, K] @ w[N, K]^T, where MKL's GEMM pays more than the weight
+ * stream; the grouped MoE call for fp32 and int8 experts (the int8 products are gemm_int8.c's).
  * - one activation row (batch-1 decode): four independent accumulators hide the FMA latency;
  * - more rows: 4 activation rows x 2 weight rows per register tile, eight independent chains,
  *   each loaded weight vector feeding four FMAs.
@@ -15,6 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "gemm_int8.h"
 #include "simd.h"
 
 /* Bytes ahead to prefetch: the hardware prefetcher alone left single-core DRAM streaming at about
@@ -25,7 +22,6 @@
  * pair streams past them; unblocked, a 512-token prefill re-read all of x from L3 per pair. */
 #define ROW_BLOCK 64
 
-#define LOAD_I8(p) widen8(p)
 #define LOAD_F32(p) _mm256_loadu_ps(p)
 
 static inline void prefetch(const void* p, int64_t bytes) {
@@ -107,7 +103,6 @@ static inline void prefetch(const void* p, int64_t bytes) {
         }                                                                                                   \
     }
 
-DEFINE_GEMM(i8, int8_t, LOAD_I8)
 DEFINE_GEMM(f32, float, LOAD_F32)
 
 /* Split N into per-thread ranges of whole column pairs. */
@@ -120,11 +115,6 @@ DEFINE_GEMM(f32, float, LOAD_F32)
         BODY;                                                               \
     }
 
-void int8_gemm_f32(const float* x, const int8_t* w, const float* scale, float* y,
-                   int64_t M, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride, int threads) {
-    PARALLEL_COLS(N, gemm_cols_i8(x, w, scale, y, M, K, x_stride, y_stride, n_begin, n_end))
-}
-
 /* fp32 weights, for the few-row products where MKL's GEMM pays more than the weight stream. */
 void gemm_f32(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int64_t x_stride,
               int64_t y_stride, int threads) {
@@ -134,13 +124,15 @@ void gemm_f32(const float* x, const float* w, float* y, int64_t M, int64_t N, in
 /* Routed experts of one layer in one call, from the router's choice to the weighted sum.
  * (token, expert) pairs are counting-sorted by expert so each selected expert's weights stream once
  * for all its tokens; every phase is one work-shared loop over all selected experts' columns, so a
- * step pays four barriers instead of two parallel regions per expert.
+ * step pays five barriers instead of two parallel regions per expert.
  * x [T, D], ids and weights [T, K], w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]: int8
- * with per-row scales s13 / s2, or fp32 when the scales are NULL. */
+ * with per-row scales s13 / s2 (activations rounded per row to int16, see gemm_int8.c), or fp32
+ * when the scales are NULL. */
 void moe_f32(const float* x, float* out, const int64_t* ids, const float* weights, int64_t T, int64_t K,
              int64_t E, const void* w13, const float* s13, const void* w2, const float* s2,
              int64_t D, int64_t I, int threads) {
-    const int64_t P = T * K;
+    const int64_t P = T * K, D32 = D & ~(int64_t)31, I32 = I & ~(int64_t)31;
+    const int quantized = s13 != NULL;
     int64_t* offsets = calloc(E + 1, sizeof(int64_t));
     int64_t* active = malloc(sizeof(int64_t) * (E + 1));
     int64_t* row_of = malloc(sizeof(int64_t) * P);   /* (token, k) -> its row in expert order */
@@ -148,6 +140,11 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
     float* xs = malloc(sizeof(float) * P * D);
     float* h = malloc(sizeof(float) * P * 2 * I);
     float* ys = malloc(sizeof(float) * P * D);
+    /* int16 rows of xs and of the SiLU products, and their scales (int8 weights only) */
+    int16_t* xq = quantized ? malloc(sizeof(int16_t) * (P * D32 + 1)) : NULL;
+    int16_t* hq = quantized ? malloc(sizeof(int16_t) * (P * I32 + 1)) : NULL;
+    float* xq_scale = quantized ? malloc(sizeof(float) * P) : NULL;
+    float* hq_scale = quantized ? malloc(sizeof(float) * P) : NULL;
     for (int64_t p = 0; p < P; p++) offsets[ids[p] + 1]++;
     int64_t num_active = 0;
     for (int64_t e = 0; e < E; e++) {
@@ -164,22 +161,27 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
         }
         free(fill);
     }
-    const int64_t pairs13 = I, pairs2 = (D + 1) / 2;
+    /* work items: groups of output columns of every active expert (4 for int8 weights, 2 for fp32) */
+    const int64_t width = quantized ? 4 : 2;
+    const int64_t groups13 = (2 * I + width - 1) / width, groups2 = (D + width - 1) / width;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < P; r++)
+        for (int64_t r = 0; r < P; r++) {
             for (int64_t d = 0; d < D; d++) xs[r * D + d] = x[source[r] * D + d];
-#pragma omp for schedule(dynamic, 64)
-        for (int64_t j = 0; j < num_active * pairs13; j++) {
-            const int64_t e = active[j / pairs13], n0 = 2 * (j % pairs13), p0 = offsets[e];
+            if (quantized) quantize_rows_i16(xs + r * D, D, 1, D, xq + r * D32, xq_scale + r);
+        }
+#pragma omp for schedule(dynamic, 32)
+        for (int64_t j = 0; j < num_active * groups13; j++) {
+            const int64_t e = active[j / groups13], n0 = width * (j % groups13), p0 = offsets[e];
+            const int64_t n1 = n0 + width < 2 * I ? n0 + width : 2 * I;
             const int64_t rows = offsets[e + 1] - p0;
-            if (s13)
-                gemm_cols_i8(xs + p0 * D, (const int8_t*)w13 + e * 2 * I * D, s13 + e * 2 * I, h + p0 * 2 * I, rows,
-                             D, D, 2 * I, n0, n0 + 2);
+            if (quantized)
+                int8_cols(xs + p0 * D, D, xq + p0 * D32, xq_scale + p0, rows, D, (const int8_t*)w13 + e * 2 * I * D,
+                          s13 + e * 2 * I, h + p0 * 2 * I, 2 * I, n0, n1);
             else
                 gemm_cols_f32(xs + p0 * D, (const float*)w13 + e * 2 * I * D, NULL, h + p0 * 2 * I, rows, D, D,
-                              2 * I, n0, n0 + 2);
+                              2 * I, n0, n1);
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < P; r++) {
@@ -188,15 +190,16 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
                 const float g = row[i];
                 row[i] = g / (1.0f + expf(-g)) * row[I + i];
             }
+            if (quantized) quantize_rows_i16(row, 2 * I, 1, I, hq + r * I32, hq_scale + r);
         }
-#pragma omp for schedule(dynamic, 64)
-        for (int64_t j = 0; j < num_active * pairs2; j++) {
-            const int64_t e = active[j / pairs2], n0 = 2 * (j % pairs2), p0 = offsets[e];
-            const int64_t n1 = n0 + 2 < D ? n0 + 2 : D;
+#pragma omp for schedule(dynamic, 32)
+        for (int64_t j = 0; j < num_active * groups2; j++) {
+            const int64_t e = active[j / groups2], n0 = width * (j % groups2), p0 = offsets[e];
+            const int64_t n1 = n0 + width < D ? n0 + width : D;
             const int64_t rows = offsets[e + 1] - p0;
-            if (s2)
-                gemm_cols_i8(h + p0 * 2 * I, (const int8_t*)w2 + e * D * I, s2 + e * D, ys + p0 * D, rows, I, 2 * I,
-                             D, n0, n1);
+            if (quantized)
+                int8_cols(h + p0 * 2 * I, 2 * I, hq + p0 * I32, hq_scale + p0, rows, I, (const int8_t*)w2 + e * D * I,
+                          s2 + e * D, ys + p0 * D, D, n0, n1);
             else
                 gemm_cols_f32(h + p0 * 2 * I, (const float*)w2 + e * D * I, NULL, ys + p0 * D, rows, I, 2 * I, D,
                               n0, n1);
@@ -213,4 +216,5 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
         }
     }
     free(offsets); free(active); free(row_of); free(source); free(xs); free(h); free(ys);
+    free(xq); free(hq); free(xq_scale); free(hq_scale);
 }

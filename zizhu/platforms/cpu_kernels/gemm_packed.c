@@ -1,5 +1,6 @@
-/* GEMM for fp32 activations over a weight repacked into panels of 16 output columns:
- * y[M, N] = x[M, K] @ (w[N, K] * scale[N])^T, w fp32 (no scale) or int8 with per-row scales.
+/* fp32 GEMM over a weight repacked into panels of 16 output columns: y[M, N] = x[M, K] @ w[N, K]^T.
+ * (int8 weights stay row-major: gemm_int8.c's integer products read them faster at every row count
+ * that decode produces for the large K of the models.)
  *
  * A row-major weight makes every output a dot product: each 8-wide FMA needs a load of x as well as
  * of w, the tile's x rows stream from L2 for every pair of columns, and the 129,280 x 256 vocabulary
@@ -30,12 +31,6 @@
 static inline void panel_row_f32(const float* p, __m256* lo, __m256* hi) {
     *lo = _mm256_loadu_ps(p);
     *hi = _mm256_loadu_ps(p + 8);
-}
-
-static inline void panel_row_i8(const int8_t* p, __m256* lo, __m256* hi) {
-    const __m128i v = _mm_loadu_si128((const __m128i*)p);
-    *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-    *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
 }
 
 /* For one weight type: in-place packing (pack_<type>_panels), the tile, and the GEMM
@@ -124,4 +119,3 @@ static inline void panel_row_i8(const int8_t* p, __m256* lo, __m256* hi) {
     }
 
 DEFINE_PACKED(f32, float)
-DEFINE_PACKED(i8, int8_t)
