@@ -23,6 +23,30 @@ static void axpy(float a, const float* x, float* y, int64_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+/* dot_f32 of four query rows (q + i * qs) with one cache row, sharing its loads: each sum in
+ * exactly dot_f32's order, so a head's score does not depend on which heads share the call. */
+static void dot4_f32(const float* q, int64_t qs, const float* row, int64_t n, float out[4]) {
+    __m256 s0[4], s1[4];
+    for (int i = 0; i < 4; i++) s0[i] = s1[i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const __m256 r0 = _mm256_loadu_ps(row + k), r1 = _mm256_loadu_ps(row + k + 8);
+        for (int i = 0; i < 4; i++) {
+            s0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * qs + k), r0, s0[i]);
+            s1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * qs + k + 8), r1, s1[i]);
+        }
+    }
+    for (; k + 8 <= n; k += 8) {
+        const __m256 r0 = _mm256_loadu_ps(row + k);
+        for (int i = 0; i < 4; i++) s0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * qs + k), r0, s0[i]);
+    }
+    for (int i = 0; i < 4; i++) {
+        float t = hsum8(_mm256_add_ps(s0[i], s1[i]));
+        for (int64_t j = k; j < n; j++) t += q[i * qs + j] * row[j];
+        out[i] = t;
+    }
+}
+
 /* Attention of heads [h0, h1) of sequence b; q_lat rows are [B, H, R], o_lat likewise. */
 static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const float* q_pe, int64_t qp_sb,
                    int64_t qp_sh, const float* cache, const int64_t* tables, int64_t table_stride, int64_t len,
@@ -31,7 +55,14 @@ static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const 
     const int64_t* table = tables + b * table_stride;
     for (int64_t j = 0; j < len; j++) {
         const float* row = cache + (table[j / block_size] * block_size + j % block_size) * W;
-        for (int64_t h = h0; h < h1; h++) {
+        int64_t h = h0;
+        for (; h + 4 <= h1; h += 4) {
+            float lat[4], pe[4];
+            dot4_f32(q_lat + (b * H + h) * R, R, row, R, lat);
+            dot4_f32(q_pe + b * qp_sb + h * qp_sh, qp_sh, row + R, P, pe);
+            for (int i = 0; i < 4; i++) scores[(h - h0 + i) * len + j] = (lat[i] + pe[i]) * scale;
+        }
+        for (; h < h1; h++) {
             const float s = dot_f32(q_lat + (b * H + h) * R, row, R) + dot_f32(q_pe + b * qp_sb + h * qp_sh, row + R, P);
             scores[(h - h0) * len + j] = s * scale;
         }
@@ -46,9 +77,19 @@ static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const 
         float* o = o_lat + (b * H + h0 + i) * R;
         for (int64_t r = 0; r < R; r++) o[r] = 0.0f;
     }
+    /* out[i] += p[i, j] * row[j], heads in the inner loop so each row chunk is loaded once */
     for (int64_t j = 0; j < len; j++) {
         const float* row = cache + (table[j / block_size] * block_size + j % block_size) * W;
-        for (int64_t i = 0; i < nh; i++) axpy(scores[i * len + j], row, o_lat + (b * H + h0 + i) * R, R);
+        int64_t r = 0;
+        for (; r + 8 <= R; r += 8) {
+            const __m256 v = _mm256_loadu_ps(row + r);
+            for (int64_t i = 0; i < nh; i++) {
+                float* o = o_lat + (b * H + h0 + i) * R + r;
+                _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(scores[i * len + j]), v, _mm256_loadu_ps(o)));
+            }
+        }
+        for (; r < R; r++)
+            for (int64_t i = 0; i < nh; i++) o_lat[(b * H + h0 + i) * R + r] += scores[i * len + j] * row[r];
     }
 }
 
