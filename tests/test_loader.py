@@ -82,3 +82,19 @@ def test_bf16_checkpoint(tiny_checkpoints, tmp_path):
     bf16 = LLM(dst, dtype="bfloat16", kv_cache_memory=1 << 20)
     low = bf16.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
     assert sum(a == b for a, b in zip(low, ours)) >= 6
+
+
+def test_shared_experts_fold_into_routed_experts(tiny_checkpoints):
+    """In fp32 the shared MLP becomes n_shared_experts always-chosen stacked experts (the HF-parity
+    tests check the outputs); in bf16 it stays a separate MLP."""
+    from zizhu.layers.moe import MoE
+
+    path, _ = tiny_checkpoints["tiny_deepseek_v2"]  # 16 routed, 2 shared experts
+    for dtype, folded in (("float32", True), ("bfloat16", False)):
+        model = LLM(path, dtype=dtype, kv_cache_memory=1 << 20).engine.model
+        moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
+        assert moes
+        for moe in moes:
+            assert (moe.num_shared, moe.shared_experts is None, moe.experts.w13.shape[0]) == (
+                (2, True, 18) if folded else (0, False, 16)
+            )

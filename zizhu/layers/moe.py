@@ -70,9 +70,38 @@ class MoE(nn.Module):
             if cfg.n_shared_experts
             else None
         )
+        self.num_shared = 0  # shared experts folded into `experts` (fold_shared_experts)
+
+    def fold_shared_experts(self) -> None:
+        """Move the shared experts into the stacked routed ones, as always-chosen experts of weight 1,
+        so one grouped call per layer runs both and decode pays one dispatch and one pass of thread
+        barriers instead of two. A SwiGLU MLP of width n x I is exactly the sum of n experts of
+        width I, each a slice of its intermediate dimension: a checkpoint's shared MLP becomes
+        n_shared_experts stacked experts. fp32 weights only: in bf16 each slice's down-projection
+        would be rounded on its own before the sum, which moved greedy tokens in the tests."""
+        mlp = self.shared_experts
+        if mlp is None or self.experts.w13.dtype != torch.float32:
+            return
+        inter, hidden = self.experts.inter, mlp.down_proj.weight.shape[0]
+        n = mlp.gate_proj.weight.shape[0] // inter
+        gate = mlp.gate_proj.weight.view(n, inter, hidden)
+        up = mlp.up_proj.weight.view(n, inter, hidden)
+        down = mlp.down_proj.weight.view(hidden, n, inter).transpose(0, 1)  # [n, hidden, inter]
+        with torch.no_grad():
+            self.experts.w13 = nn.Parameter(torch.cat([self.experts.w13, torch.cat([gate, up], dim=1)]), requires_grad=False)
+            self.experts.w2 = nn.Parameter(torch.cat([self.experts.w2, down]), requires_grad=False)
+        routed = self.experts.w13.shape[0] - n
+        self.register_buffer("shared_ids", torch.arange(routed, routed + n, dtype=torch.int64, device=gate.device)[None], persistent=False)
+        self.register_buffer("shared_weights", torch.ones(1, n, dtype=torch.float32, device=gate.device), persistent=False)
+        self.num_shared = n
+        self.shared_experts = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.gate(x)
+        ids, weights = self.gate(x)  # [T, top_k]
+        if self.num_shared:
+            tokens = x.shape[0]
+            ids = torch.cat([ids, self.shared_ids.expand(tokens, -1)], dim=1)
+            weights = torch.cat([weights, self.shared_weights.expand(tokens, -1)], dim=1)
         experts = self.experts
         out = self.platform.moe_experts(
             x, ids, weights, experts.w13, experts.w2, getattr(experts, "w13_scale", None), getattr(experts, "w2_scale", None)

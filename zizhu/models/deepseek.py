@@ -84,7 +84,7 @@ class DeepseekForCausalLM(nn.Module):
     ) -> None:
         """Copy checkpoint tensors in; raise CheckpointError naming any missing or mis-shaped tensor.
 
-        A decoder layer is finished (absorbed MLA weights derived, projections fused, then
+        A decoder layer is finished (absorbed MLA weights derived, projections and experts fused, then
         `on_layer_loaded`) as soon as its last tensor arrives, so a caller that quantizes there
         frees each layer's full-precision weights before the next one is read: peak memory stays
         near the quantized size instead of the full-precision one.
@@ -102,6 +102,8 @@ class DeepseekForCausalLM(nn.Module):
             attn = self.model.layers[i].self_attn
             attn.absorb()
             attn.fuse_input_projections()
+            if isinstance(self.model.layers[i].mlp, MoE):
+                self.model.layers[i].mlp.fold_shared_experts()
             if on_layer_loaded is not None:
                 on_layer_loaded(self.model.layers[i])
             del pending[i]
