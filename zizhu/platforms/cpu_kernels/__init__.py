@@ -85,9 +85,16 @@ def load() -> ctypes.CDLL | None:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """`x [..., K]` as `[M, K]` rows the kernels can walk: dense last dim, any row stride."""
-    rows = x.reshape(-1, x.shape[-1])
+    """`x [..., K]` as `[M, K]` rows the kernels can walk: dense last dim, any row stride. (A 2-D
+    input, all that decode passes, skips the reshape: each torch call costs microseconds here, and a
+    step makes a hundred of these calls.)"""
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Output rows `y [M, N]` in the leading shape of the input `x [..., K]`."""
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -99,7 +106,7 @@ def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale:
         x2.data_ptr(), qweight.data_ptr(), scale.data_ptr(), y.data_ptr(),
         x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads(),
     )
-    return y.view(*x.shape[:-1], n)
+    return _shaped(y, x)
 
 
 def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -107,7 +114,7 @@ def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch
     x2, (n, k) = _rows(x), weight.shape
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     lib.gemm_f32(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads())
-    return y.view(*x.shape[:-1], n)
+    return _shaped(y, x)
 
 
 PANEL = 16  # output columns per panel of a packed weight (gemm_packed.c)
@@ -148,7 +155,7 @@ def linear_packed(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight) -> to
             x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), None,
             y.data_ptr(), x2.shape[0], n, weight.in_features, x2.stride(0), n, torch.get_num_threads(),
         )
-    return y.view(*x.shape[:-1], n)
+    return _shaped(y, x)
 
 
 def moe(
@@ -244,7 +251,7 @@ def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float
     x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=torch.float32)
     lib.rms_norm_f32(x2.data_ptr(), x2.stride(0), weight.data_ptr(), out.data_ptr(), x2.shape[0], x2.shape[1], eps, torch.get_num_threads())
-    return out.view(x.shape)
+    return _shaped(out, x)
 
 
 def argmax_rows(lib: ctypes.CDLL, logits: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,10 @@
 #define FLUSH (64 * CHUNK)
 /* Rows of x per pass over a thread's columns (they stay in L2 while the columns stream past). */
 #define ROW_BLOCK 64
-/* Each weight row is prefetched this many rows ahead, at the same column: the next group of four. */
-#define PREFETCH_ROWS 4
+/* Bytes ahead of each weight row to prefetch, at least: the next rows of the tile, or this much. */
+#ifndef PREFETCH_MIN
+#define PREFETCH_MIN 1024
+#endif
 
 void quantize_rows_i16(const float* x, int64_t x_stride, int64_t M, int64_t K, int16_t* q, float* q_scale) {
     const int64_t K32 = K & ~(int64_t)(CHUNK - 1);
@@ -66,7 +68,7 @@ static inline __m256i odd_bytes(__m256i w) { return _mm256_srai_epi16(w, 8); }
 /* R rows of xq against C weight rows over the whole chunks: out[i][j] = sum_k xq[i, k] * w[j, k]. */
 static inline __attribute__((always_inline)) void tile(const int16_t* xq, int64_t K32, const int R,
                                                        const int8_t* w, int64_t K, const int C, float out[4][4]) {
-    const int64_t ahead = C * K > 1024 ? C * K : 1024;  /* the next rows, or at least 1 KiB ahead */
+    const int64_t ahead = C * K > PREFETCH_MIN ? C * K : PREFETCH_MIN;  /* the next rows, or further */
     __m256 f[4][4];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < C; j++) f[i][j] = _mm256_setzero_ps();
@@ -76,18 +78,23 @@ static inline __attribute__((always_inline)) void tile(const int16_t* xq, int64_
         for (int i = 0; i < R; i++)
             for (int j = 0; j < C; j++) a[i][j] = _mm256_setzero_si256();
         for (int64_t k = k0; k < k1; k += CHUNK) {
-            __m256i we[4], wo[4];
+            /* even bytes against every row, then odd bytes: few live registers, so no accumulator
+             * spills to the stack (spilled, each chunk waited on a store-to-load round trip) */
+            __m256i v[4];
             for (int j = 0; j < C; j++) {
                 _mm_prefetch((const char*)(w + j * K + k + ahead), _MM_HINT_T0);
-                const __m256i v = _mm256_loadu_si256((const __m256i*)(w + j * K + k));
-                we[j] = even_bytes(v);
-                wo[j] = odd_bytes(v);
+                v[j] = _mm256_loadu_si256((const __m256i*)(w + j * K + k));
             }
-            for (int i = 0; i < R; i++) {
-                const __m256i xe = _mm256_loadu_si256((const __m256i*)(xq + i * K32 + k));
-                const __m256i xo = _mm256_loadu_si256((const __m256i*)(xq + i * K32 + k + CHUNK / 2));
-                for (int j = 0; j < C; j++)
-                    a[i][j] = _mm256_add_epi32(a[i][j], _mm256_add_epi32(_mm256_madd_epi16(we[j], xe), _mm256_madd_epi16(wo[j], xo)));
+            for (int j = 0; j < C; j++) {
+                const __m256i e = even_bytes(v[j]);
+                for (int i = 0; i < R; i++)
+                    a[i][j] = _mm256_add_epi32(a[i][j], _mm256_madd_epi16(e, _mm256_loadu_si256((const __m256i*)(xq + i * K32 + k))));
+            }
+            for (int j = 0; j < C; j++) {
+                const __m256i o = odd_bytes(v[j]);
+                for (int i = 0; i < R; i++)
+                    a[i][j] = _mm256_add_epi32(
+                        a[i][j], _mm256_madd_epi16(o, _mm256_loadu_si256((const __m256i*)(xq + i * K32 + k + CHUNK / 2))));
             }
         }
         for (int i = 0; i < R; i++)
@@ -125,8 +132,8 @@ void int8_cols(const float* x, int64_t xs, const int16_t* xq, const float* xq_sc
             const int cols = n_end - n0 < 4 ? (int)(n_end - n0) : 4;
             int64_t m = mb;
             for (; m + 4 <= me; m += 4)
-                for (int64_t n = n0; n < n0 + cols; n += 2) {
-                    switch (n + 2 <= n0 + cols ? 2 : 1) { TILE_CASE(4, 1) TILE_CASE(4, 2) }
+                for (int64_t n = n0; n < n0 + cols; n++) {
+                    switch (1) { TILE_CASE(4, 1) }
                 }
             for (; m < me; m++)
                 for (int64_t n = n0; n < n0 + cols; n++) {
