@@ -124,7 +124,10 @@ void gemm_f32(const float* x, const float* w, float* y, int64_t M, int64_t N, in
 /* Routed experts of one layer in one call, from the router's choice to the weighted sum.
  * (token, expert) pairs are counting-sorted by expert so each selected expert's weights stream once
  * for all its tokens; every phase is one work-shared loop over all selected experts' columns, so a
- * step pays five barriers instead of two parallel regions per expert.
+ * step pays five barriers instead of two parallel regions per expert. Guided scheduling hands each
+ * thread long runs of neighbouring columns first (steady weight streams) and small ones at the end
+ * (balance): 11 layers of 33 int8 experts, best of 10, 1 / 8 / 32 tokens: 361 / 1,746 / 6,305 us
+ * per layer against 408 / 2,054 / 6,941 with chunks of 32 columns and 373 / 1,765 / 7,920 static.
  * x [T, D], ids and weights [T, K], w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]: int8
  * with per-row scales s13 / s2 (activations rounded per row to int16, see gemm_int8.c), or fp32
  * when the scales are NULL. */
@@ -171,7 +174,7 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
             for (int64_t d = 0; d < D; d++) xs[r * D + d] = x[source[r] * D + d];
             if (quantized) quantize_rows_i16(xs + r * D, D, 1, D, xq + r * D32, xq_scale + r);
         }
-#pragma omp for schedule(dynamic, 32)
+#pragma omp for schedule(guided)
         for (int64_t j = 0; j < num_active * groups13; j++) {
             const int64_t e = active[j / groups13], n0 = width * (j % groups13), p0 = offsets[e];
             const int64_t n1 = n0 + width < 2 * I ? n0 + width : 2 * I;
@@ -192,7 +195,7 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
             }
             if (quantized) quantize_rows_i16(row, 2 * I, 1, I, hq + r * I32, hq_scale + r);
         }
-#pragma omp for schedule(dynamic, 32)
+#pragma omp for schedule(guided)
         for (int64_t j = 0; j < num_active * groups2; j++) {
             const int64_t e = active[j / groups2], n0 = width * (j % groups2), p0 = offsets[e];
             const int64_t n1 = n0 + width < D ? n0 + width : D;
