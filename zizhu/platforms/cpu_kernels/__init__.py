@@ -202,12 +202,12 @@ def mla_decode(
         q_pe = q_pe.contiguous()
     tables = block_tables.contiguous()
     lens = seq_lens.contiguous()
-    scratch = torch.empty(2, batch, heads, rank, dtype=torch.float32)
+    scratch = torch.empty(2 * batch * heads * rank, dtype=torch.float32)  # absorbed q, then attended latent
     out = torch.empty(batch, heads, value, dtype=torch.float32)
     lib.mla_decode_f32(
         q_nope.data_ptr(), q_nope.stride(0), q_nope.stride(1), q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1),
         w_uk.data_ptr(), w_uv.data_ptr(), cache.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
-        scratch[0].data_ptr(), scratch[1].data_ptr(), out.data_ptr(),
+        scratch.data_ptr(), scratch.data_ptr() + 4 * batch * heads * rank, out.data_ptr(),
         batch, heads, nope, value, rank, rope, cache.shape[1], scale, torch.get_num_threads(),
     )
     return out
