@@ -40,19 +40,27 @@ def test_paged_mla_decode(platform, dtype):
 
 
 @pytest.mark.parametrize("batch", [1, 3, 9])
-def test_mla_decode_absorbed(platform, batch):
-    """Absorbed decode equals attention with K/V decompressed by kv_b_proj, per sequence."""
+@pytest.mark.parametrize("heads", [4, 6])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_mla_decode_absorbed(platform, batch, heads, narrow):
+    """Absorbed decode equals attention with K/V decompressed by kv_b_proj, per sequence; also with
+    W_UK / W_UV in the platform's own form for values bf16 holds exactly (prepare_absorbed), and
+    head counts that are and are not multiples of four."""
     g = torch.Generator().manual_seed(5)
-    heads, nope, rope, v, rank, bs = 4, 12, 8, 10, 40, 4
+    nope, rope, v, rank, bs = 12, 8, 10, 40, 4
     cache = torch.randn(40, bs, rank + rope, generator=g)
     tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(batch)])
     seq_lens = torch.randint(1, 6 * bs + 1, (batch,), generator=g)
     q = torch.randn(batch, heads, nope + rope, generator=g)  # nope and rope parts are strided views of it
     w_uk = torch.randn(heads, nope, rank, generator=g) * 0.2
     w_uv = torch.randn(heads, v, rank, generator=g) * 0.2
+    absorbed_uk, absorbed_uv = w_uk, w_uv
+    if narrow:
+        w_uk, w_uv = w_uk.bfloat16().float(), w_uv.bfloat16().float()
+        absorbed_uk, absorbed_uv = platform.prepare_absorbed(w_uk.clone()), platform.prepare_absorbed(w_uv.clone())
     dev = platform.device
     got = platform.mla_decode(
-        q[..., :nope].to(dev), q[..., nope:].to(dev), w_uk.to(dev), w_uv.to(dev), cache.to(dev),
+        q[..., :nope].to(dev), q[..., nope:].to(dev), absorbed_uk.to(dev), absorbed_uv.to(dev), cache.to(dev),
         tables.to(dev), seq_lens.to(dev), 0.3,
     ).cpu()
     assert got.shape == (batch, heads, v)

@@ -44,8 +44,8 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(cfg.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), dtype, platform)
         self.o_proj = Linear(self.num_heads * self.v_dim, cfg.hidden_size, dtype, platform, cfg.attention_bias)
         self.rotary = rotary  # shared by all layers: cos/sin are computed once per step
-        self.w_uk: torch.Tensor | None = None  # [H, nope, R] fp32, derived from kv_b_proj after loading
-        self.w_uv: torch.Tensor | None = None  # [H, v, R] fp32
+        self.w_uk: torch.Tensor | None = None  # [H, nope, R], derived from kv_b_proj after loading
+        self.w_uv: torch.Tensor | None = None  # [H, v, R] (fp32, or narrower: Platform.prepare_absorbed)
 
     def fuse_input_projections(self) -> None:
         """One matmul for q_a_proj and kv_a_proj_with_mqa: both read the same normalised input, so
@@ -66,8 +66,8 @@ class MLAttention(nn.Module):
     def absorb(self) -> None:
         """Split kv_b_proj into the per-head up-projections that decode folds into q and o."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        self.w_uk = w[:, : self.nope_dim].float().contiguous()
-        self.w_uv = w[:, self.nope_dim :].float().contiguous()
+        self.w_uk = self.platform.prepare_absorbed(w[:, : self.nope_dim].float().contiguous())
+        self.w_uv = self.platform.prepare_absorbed(w[:, self.nope_dim :].float().contiguous())
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor):
         # Slices rather than split(), and no hasattr(): at batch-1 decode each torch call here costs

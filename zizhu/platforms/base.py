@@ -83,6 +83,12 @@ class Platform:
         weight itself."""
         return weight
 
+    def prepare_absorbed(self, weight: torch.Tensor) -> torch.Tensor:
+        """The form in which `mla_decode` will receive an absorbed up-projection (W_UK or W_UV,
+        `[H, D, R]` fp32), chosen once after loading: a platform may store it narrower when that
+        loses nothing. Default: as is."""
+        return weight
+
     def mla_write_latent(self, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping) -> None:
         """Normalise c_kv, rotate k_pe and q's rope dims (in place), store the latent (see
         `ops.mla_write_latent`); by default through this platform's rms_norm and write_kv_cache."""

@@ -64,7 +64,8 @@ def load() -> ctypes.CDLL | None:
     lib.moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.mla_decode_f32.restype = None
     lib.mla_decode_f32.argtypes = (
-        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p]
+        [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p]
         + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
     )
     lib.mla_write_latent_f32.restype = None
@@ -185,8 +186,8 @@ def mla_decode(
     lib: ctypes.CDLL,
     q_nope: torch.Tensor,  # [B, H, Dn] fp32
     q_pe: torch.Tensor,  # [B, H, P] fp32, roped
-    w_uk: torch.Tensor,  # [H, Dn, R] fp32
-    w_uv: torch.Tensor,  # [H, Dv, R] fp32
+    w_uk: torch.Tensor,  # [H, Dn, R] fp32 or bf16
+    w_uv: torch.Tensor,  # [H, Dv, R], the same dtype
     cache: torch.Tensor,  # [num_blocks, block_size, R + P] fp32
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     seq_lens: torch.Tensor,  # [B] int64
@@ -206,7 +207,7 @@ def mla_decode(
     out = torch.empty(batch, heads, value, dtype=torch.float32)
     lib.mla_decode_f32(
         q_nope.data_ptr(), q_nope.stride(0), q_nope.stride(1), q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1),
-        w_uk.data_ptr(), w_uv.data_ptr(), cache.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
+        w_uk.data_ptr(), w_uv.data_ptr(), int(w_uk.dtype == torch.bfloat16), cache.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
         scratch.data_ptr(), scratch.data_ptr() + 4 * batch * heads * rank, out.data_ptr(),
         batch, heads, nope, value, rank, rope, cache.shape[1], scale, torch.get_num_threads(),
     )

@@ -13,6 +13,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
@@ -21,6 +22,43 @@ static void axpy(float a, const float* x, float* y, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* bf16 weights (the absorbed W_UK / W_UV when bf16 holds them exactly, as it does for bf16
+ * checkpoints) widen to fp32 by a shift: half the bytes of the fp32 copy, the same products. */
+static inline __m256 load_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+static void axpy_bf16(float a, const uint16_t* x, float* y, int64_t n) {
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load_bf16(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) {
+        const uint32_t bits = (uint32_t)x[i] << 16;
+        float v;
+        memcpy(&v, &bits, sizeof v);
+        y[i] += a * v;
+    }
+}
+
+/* dot_f32 with one bf16 operand, in the same order of operations */
+static float dot_bf16(const uint16_t* a, const float* b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(load_bf16(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(load_bf16(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load_bf16(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) {
+        const uint32_t bits = (uint32_t)a[i] << 16;
+        float v;
+        memcpy(&v, &bits, sizeof v);
+        s += v * b[i];
+    }
+    return s;
 }
 
 /* dot_f32 of four query rows (q + i * qs) with one cache row, sharing its loads: each sum in
@@ -95,7 +133,7 @@ static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const 
 
 void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H, Dn], last dim dense */
                     const float* q_pe, int64_t qp_sb, int64_t qp_sh,    /* [B, H, P], last dim dense */
-                    const float* w_uk, const float* w_uv,              /* [H, Dn, R], [H, Dv, R] */
+                    const void* w_uk, const void* w_uv, int w_bf16,    /* [H, Dn, R], [H, Dv, R]: fp32 or bf16 */
                     const float* cache, const int64_t* tables, int64_t table_stride, const int64_t* seq_lens,
                     float* q_lat, float* o_lat, float* out,            /* scratch [B, H, R] x2, out [B, H, Dv] */
                     int64_t B, int64_t H, int64_t Dn, int64_t Dv, int64_t R, int64_t P, int64_t block_size,
@@ -119,7 +157,10 @@ void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H
                 const int64_t row = (h * Dn + n) * R;
                 for (int64_t b = 0; b < B; b++) {
                     const float a = q_nope[b * qn_sb + h * qn_sh + n];
-                    axpy(a, w_uk + row, q_lat + (b * H + h) * R, R);
+                    if (w_bf16)
+                        axpy_bf16(a, (const uint16_t*)w_uk + row, q_lat + (b * H + h) * R, R);
+                    else
+                        axpy(a, (const float*)w_uk + row, q_lat + (b * H + h) * R, R);
                 }
             }
         }
@@ -137,7 +178,8 @@ void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H
                 const int64_t row = (h * Dv + v) * R;
                 for (int64_t b = 0; b < B; b++) {
                     const float* o = o_lat + (b * H + h) * R;
-                    out[(b * H + h) * Dv + v] = dot_f32(w_uv + row, o, R);
+                    out[(b * H + h) * Dv + v] =
+                        w_bf16 ? dot_bf16((const uint16_t*)w_uv + row, o, R) : dot_f32((const float*)w_uv + row, o, R);
                 }
             }
     }
