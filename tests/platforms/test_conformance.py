@@ -200,6 +200,22 @@ def test_int8_linear(platform, rows, k):
     assert_int8_close(platform.int8_linear(extreme, full, scale), extreme, full, scale)
 
 
+@pytest.mark.parametrize("rows,k", [(1, 64), (5, 72), (9, 1024)])
+def test_rms_norm_int8_linear(platform, rows, k):
+    """The fused norm and int8 projection equals the two ops in turn, on strided rows too."""
+    g = torch.Generator().manual_seed(8)
+    wide = torch.randn(rows, k + 16, generator=g) * 3
+    x = wide[:, 3 : 3 + k]
+    norm = torch.rand(k, generator=g) + 0.5
+    q = torch.randint(-127, 128, (20, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(20, generator=g) * 0.01
+    dev = platform.device
+    got = platform.rms_norm_int8_linear(x.to(dev), norm.to(dev), 1e-6, q.to(dev), scale.to(dev)).cpu()
+    separate = platform.int8_linear(platform.rms_norm(x.to(dev), norm.to(dev), 1e-6), q.to(dev), scale.to(dev)).cpu()
+    torch.testing.assert_close(got, separate, atol=1e-6, rtol=1e-6)
+    assert_int8_close(got, torch.nn.functional.rms_norm(x, (k,), norm, 1e-6), q, scale)
+
+
 def test_int8_linear_non_finite(platform):
     """A NaN or inf in an activation row spoils that row's outputs, as in the fp32 product, and no other row."""
     x = torch.randn(3, 64)

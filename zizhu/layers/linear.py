@@ -19,8 +19,9 @@ class Linear(nn.Linear):
         """Hand the loaded weight to the platform (see `prepare_weight`)."""
         prepare_weight(self, "weight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.platform.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, norm=None) -> torch.Tensor:
+        """`self(norm(x))`: the signature of Int8Linear's, which fuses the norm."""
+        return self.platform.linear(x if norm is None else norm(x), self.weight, self.bias)
 
 
 def prepare_weight(module: nn.Module, name: str) -> None:

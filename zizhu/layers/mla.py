@@ -69,17 +69,21 @@ class MLAttention(nn.Module):
         self.w_uk = self.platform.prepare_absorbed(w[:, : self.nope_dim].float().contiguous())
         self.w_uv = self.platform.prepare_absorbed(w[:, self.nope_dim :].float().contiguous())
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor):
-        # Slices rather than split(), and no hasattr(): at batch-1 decode each torch call here costs
-        # microseconds against a layer's ~1.5 ms.
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor, input_norm: RMSNorm
+    ):
+        """Attention over `input_norm(x)`: the layer's input norm comes in unapplied, so that an int8
+        projection can fuse it (as q_b_proj fuses q_a_layernorm). Slices rather than split(), and no
+        hasattr(): at batch-1 decode each torch call costs microseconds against a layer's ~1.5 ms."""
         num_tokens = x.shape[0]
         if not self.q_lora_rank:
+            x = input_norm(x)  # two projections read it
             q = self.q_proj(x)
             kv_a = self.kv_a_proj_with_mqa(x)
         else:
             # q_a_proj and kv_a_proj_with_mqa, fused when the layer finished loading
-            q_kv_a = self.q_kv_a_proj(x)
-            q = self.q_b_proj(self.q_a_layernorm(q_kv_a[:, : self.q_lora_rank]))
+            q_kv_a = self.q_kv_a_proj(x, norm=input_norm)
+            q = self.q_b_proj(q_kv_a[:, : self.q_lora_rank], norm=self.q_a_layernorm)
             kv_a = q_kv_a[:, self.q_lora_rank :]
         q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
         cos, sin = self.rotary.cos_sin(positions, q.dtype)

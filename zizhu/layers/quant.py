@@ -43,8 +43,12 @@ class Int8Linear(nn.Module):
         """Hand the loaded int8 weight to the platform (see `prepare_weight`)."""
         prepare_weight(self, "qweight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.platform.int8_linear(x, self.qweight, self.scale)
+    def forward(self, x: torch.Tensor, norm=None) -> torch.Tensor:
+        """`self(norm(x))`, the norm (an RMSNorm feeding only this projection) fused when the platform can."""
+        if norm is None:
+            out = self.platform.int8_linear(x, self.qweight, self.scale)
+        else:
+            out = self.platform.rms_norm_int8_linear(x, norm.weight, norm.eps, self.qweight, self.scale)
         return out if self.bias is None else out + self.bias
 
 

@@ -38,7 +38,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg, platform, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, platform)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor):
-        h = h + self.self_attn(self.input_layernorm(h), positions, batch, cache)
+        h = h + self.self_attn(h, positions, batch, cache, self.input_layernorm)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

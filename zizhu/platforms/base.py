@@ -76,6 +76,11 @@ class Platform:
     int8_linear = staticmethod(ops.int8_linear)
     linear = staticmethod(F.linear)  # the model's full-precision projections
 
+    def rms_norm_int8_linear(self, x, norm_weight, eps, qweight, scale) -> torch.Tensor:
+        """`int8_linear(rms_norm(x))`, for a norm whose output feeds only this projection; a
+        platform may fuse the two (decode runs two such pairs per layer)."""
+        return self.int8_linear(self.rms_norm(x, norm_weight, eps), qweight, scale)
+
     def prepare_linear(self, weight: torch.Tensor):
         """The form in which `linear` (or `int8_linear`, for an int8 weight) will receive this
         projection weight, chosen once after loading: a platform may repack it for its kernels, in

@@ -44,20 +44,30 @@ class CpuPlatform(Platform):
             torch.set_num_threads(int(threads))
 
     def int8_linear(self, x: torch.Tensor, qweight, scale: torch.Tensor) -> torch.Tensor:
-        lib = cpu_kernels.load()
         # The native kernel wins at every batch size measured (1-64 rows): the reference widens the
         # whole weight to fp32 in memory first, which costs more than the matmul it feeds. It rounds
         # each activation row to int16 (see Platform.int8_linear).
-        if (
+        lib = cpu_kernels.load()
+        if self._native_int8(lib, x, qweight, scale):
+            return cpu_kernels.int8_linear(lib, x, qweight, scale)
+        return ops.int8_linear(x, qweight, scale)
+
+    def rms_norm_int8_linear(self, x, norm_weight, eps, qweight, scale) -> torch.Tensor:
+        lib = cpu_kernels.load()
+        if self._native_int8(lib, x, qweight, scale) and norm_weight.dtype == torch.float32 and norm_weight.is_contiguous():
+            return cpu_kernels.int8_linear(lib, x, qweight, scale, norm_weight, eps)
+        return super().rms_norm_int8_linear(x, norm_weight, eps, qweight, scale)
+
+    @staticmethod
+    def _native_int8(lib, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> bool:
+        return (
             lib is not None
             and x.dtype == torch.float32
             and scale.dtype == torch.float32
             and x.numel() > 0
             and qweight.is_contiguous()
             and scale.is_contiguous()
-        ):
-            return cpu_kernels.int8_linear(lib, x, qweight, scale)
-        return ops.int8_linear(x, qweight, scale)
+        )
 
     # fp32 projection weights at least this large, which no cache holds (the vocabulary head), are
     # repacked at load into 16-column panels (cpu_kernels/gemm_packed.c). int8 ones stay row-major:

@@ -54,7 +54,7 @@ def load() -> ctypes.CDLL | None:
             os.replace(built, target)  # atomic, so concurrent builders never see a partial file
     lib = ctypes.CDLL(str(target))
     lib.int8_gemm_f32.restype = None
-    lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     lib.gemm_f32.restype = None
     lib.gemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.pack_f32_panels.restype = lib.gemm_f32_packed.restype = None
@@ -98,14 +98,18 @@ def _shaped(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
-def int8_linear(lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_linear(
+    lib: ctypes.CDLL, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+    norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+) -> torch.Tensor:
     """fp32 `x [..., K]` times int8 `qweight [N, K]` with fp32 per-row `scale [N]`, each row of x
-    rounded to int16 first (gemm_int8.c)."""
+    rounded to int16 first (gemm_int8.c); with `norm_weight`, x is RMS-normalised first."""
     x2, (n, k) = _rows(x), qweight.shape
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     lib.int8_gemm_f32(
         x2.data_ptr(), qweight.data_ptr(), scale.data_ptr(), y.data_ptr(),
-        x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads(),
+        x2.shape[0], n, k, x2.stride(0), n, None if norm_weight is None else norm_weight.data_ptr(), eps,
+        torch.get_num_threads(),
     )
     return _shaped(y, x)
 

@@ -143,21 +143,33 @@ void int8_cols(const float* x, int64_t xs, const int16_t* xq, const float* xq_sc
     }
 }
 
+/* norm_weight, when not NULL: each row of x is first RMS-normalised with it (rms_norm_row, the
+ * very arithmetic of rms_norm_f32), so a norm that feeds only this projection costs no call of its
+ * own. */
 void int8_gemm_f32(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
-                   int64_t x_stride, int64_t y_stride, int threads) {
+                   int64_t x_stride, int64_t y_stride, const float* norm_weight, float eps, int threads) {
     const int64_t K32 = K & ~(int64_t)(CHUNK - 1);
     int16_t* xq = malloc(sizeof(int16_t) * (M * K32 + 1));
     float* xq_scale = malloc(sizeof(float) * M);
+    float* normed = norm_weight ? malloc(sizeof(float) * (M * K + 1)) : NULL;
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const int64_t m0 = M * t / nt, m1 = M * (t + 1) / nt;
-        quantize_rows_i16(x + m0 * x_stride, x_stride, m1 - m0, K, xq + m0 * K32, xq_scale + m0);
+        const float* rows = x;
+        int64_t rs = x_stride;
+        if (normed) {
+            for (int64_t m = m0; m < m1; m++) rms_norm_row(x + m * x_stride, norm_weight, normed + m * K, K, eps);
+            rows = normed;
+            rs = K;
+        }
+        quantize_rows_i16(rows + m0 * rs, rs, m1 - m0, K, xq + m0 * K32, xq_scale + m0);
 #pragma omp barrier
         const int64_t quads = (N + 3) / 4;
         const int64_t n_begin = 4 * (quads * t / nt), n_end_q = 4 * (quads * (t + 1) / nt);
-        int8_cols(x, x_stride, xq, xq_scale, M, K, w, scale, y, y_stride, n_begin, n_end_q < N ? n_end_q : N);
+        int8_cols(rows, rs, xq, xq_scale, M, K, w, scale, y, y_stride, n_begin, n_end_q < N ? n_end_q : N);
     }
     free(xq);
     free(xq_scale);
+    free(normed);
 }
