@@ -249,27 +249,62 @@ def test_int8_moe_experts(platform, tokens, hidden, inter):
     ids = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(tokens)])
     weights = torch.rand(tokens, 3, generator=g)
     got = platform.moe_experts(x, ids, weights, w13, w2, s13, s2).cpu()
+    assert_experts_close(got, x, ids, weights, w13, w2, s13, s2)
+
+
+def assert_experts_close(got, x, ids, weights, w13, w2, s13, s2) -> None:
+    """`got` is the reference ops.moe_experts, with full-precision activations or, for int8
+    weights, with activations rounded to int16 per row (either is allowed)."""
     exact = ops.moe_experts(x, ids, weights, w13, w2, s13, s2)
+    if torch.allclose(got, exact, atol=1e-5, rtol=1e-4):
+        return
+    assert s13 is not None, f"off by {(got - exact).abs().max():.3g} from the reference"
     rounded = ops.moe_experts(
         x, ids, weights, w13, w2, s13, s2, int8_matmul=lambda a, q, s: ops.int8_linear(round_rows_int16(a), q, s)
     )
     # int16 rounding of the SiLU products flips with the last bit of each, so allow 1e-4 of the largest output
-    near_rounded = torch.allclose(got, rounded, atol=1e-4 * float(rounded.abs().max()), rtol=1e-4)
-    assert torch.allclose(got, exact, atol=1e-5, rtol=1e-4) or near_rounded, (
+    assert torch.allclose(got, rounded, atol=1e-4 * float(rounded.abs().max()), rtol=1e-4), (
         f"off by {(got - exact).abs().max():.3g} from the reference, {(got - rounded).abs().max():.3g} with int16 activations"
     )
 
 
-@pytest.mark.parametrize(
-    "routing",
-    [
-        ops.Routing(top_k=2),  # V2-Lite: softmax, greedy
-        ops.Routing(top_k=3, method="group_limited_greedy", n_group=4, topk_group=2, scaling=16.0),  # V2
-        ops.Routing(top_k=4, scoring="sigmoid", method="noaux_tc", n_group=4, topk_group=2, norm_topk_prob=True, scaling=2.5),
-        ops.Routing(top_k=3, scoring="sigmoid", method="noaux_tc", norm_topk_prob=True),  # one group
-    ],
-    ids=["greedy", "group_limited", "noaux_tc", "noaux_tc_one_group"],
-)
+ROUTINGS = [
+    ops.Routing(top_k=2),  # V2-Lite: softmax, greedy
+    ops.Routing(top_k=3, method="group_limited_greedy", n_group=4, topk_group=2, scaling=16.0),  # V2
+    ops.Routing(top_k=4, scoring="sigmoid", method="noaux_tc", n_group=4, topk_group=2, norm_topk_prob=True, scaling=2.5),
+    ops.Routing(top_k=3, scoring="sigmoid", method="noaux_tc", norm_topk_prob=True),  # one group
+]
+ROUTING_IDS = ["greedy", "group_limited", "noaux_tc", "noaux_tc_one_group"]
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
+@pytest.mark.parametrize("num_shared", [0, 2])
+@pytest.mark.parametrize("int8", [False, True])
+def test_route_and_run_experts(platform, routing, num_shared, int8):
+    """The whole MoE block equals route_experts then moe_experts, the shared experts (stacked after
+    the routed ones) appended to every token with weight 1."""
+    from zizhu.layers.quant import quantize_int8_rows
+
+    g = torch.Generator().manual_seed(11)
+    tokens, hidden, inter, routed = 7, 64, 40, 8
+    x = torch.randn(tokens, hidden, generator=g)
+    router = torch.randn(routed, hidden, generator=g) * 0.3
+    bias = torch.randn(routed, generator=g) * 0.1 if routing.method == "noaux_tc" else None
+    w13 = torch.randn(routed + num_shared, 2 * inter, hidden, generator=g) * 0.2
+    w2 = torch.randn(routed + num_shared, hidden, inter, generator=g) * 0.2
+    s13 = s2 = None
+    if int8:
+        (w13, s13), (w2, s2) = quantize_int8_rows(w13), quantize_int8_rows(w2)
+    dev = platform.device
+    on = lambda t: None if t is None else t.to(dev)  # noqa: E731
+    got = platform.route_and_run_experts(on(x), on(router), on(bias), routing, num_shared, on(w13), on(w2), on(s13), on(s2))
+    ids, weights = ops.route_experts(x, router, bias, routing)
+    ids = torch.cat([ids, torch.arange(routed, routed + num_shared).expand(tokens, -1)], dim=1)
+    weights = torch.cat([weights, torch.ones(tokens, num_shared)], dim=1)
+    assert_experts_close(got.cpu(), x, ids, weights, w13, w2, s13, s2)
+
+
+@pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_route_experts(platform, routing, tokens):
     """The same experts (as a set) and weights per token as the reference router."""

@@ -25,9 +25,10 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Chooses top-k experts per token (see `ops.route_experts`); its weights stay fp32."""
+    """The router's weights (kept fp32) and rule; the platform routes with them, in the same call
+    that runs the experts (`Platform.route_and_run_experts`, see `ops.route_experts`)."""
 
-    def __init__(self, cfg: ModelConfig, platform):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         num_experts = cfg.n_routed_experts
         self.weight = nn.Parameter(torch.empty(num_experts, cfg.hidden_size, dtype=torch.float32), requires_grad=False)
@@ -43,14 +44,11 @@ class Router(nn.Module):
             norm_topk_prob=cfg.norm_topk_prob,
             scaling=cfg.routed_scaling_factor,
         )
-        self.platform = platform
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.platform.route_experts(x, self.weight, self.e_score_correction_bias, self.routing)
 
 
 class Experts(nn.Module):
-    """All routed experts of a layer as two stacked tensors, so a platform can run them grouped."""
+    """All routed experts of a layer as two stacked tensors, so a platform can run them grouped
+    (and, in fp32, the shared experts after them: MoE.fold_shared_experts)."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype):
         super().__init__()
@@ -63,7 +61,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype):
         super().__init__()
         self.platform = platform
-        self.gate = Router(cfg, platform)
+        self.gate = Router(cfg)
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype)
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype, platform)
@@ -90,21 +88,14 @@ class MoE(nn.Module):
         with torch.no_grad():
             self.experts.w13 = nn.Parameter(torch.cat([self.experts.w13, torch.cat([gate, up], dim=1)]), requires_grad=False)
             self.experts.w2 = nn.Parameter(torch.cat([self.experts.w2, down]), requires_grad=False)
-        routed = self.experts.w13.shape[0] - n
-        self.register_buffer("shared_ids", torch.arange(routed, routed + n, dtype=torch.int64, device=gate.device)[None], persistent=False)
-        self.register_buffer("shared_weights", torch.ones(1, n, dtype=torch.float32, device=gate.device), persistent=False)
         self.num_shared = n
         self.shared_experts = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weights = self.gate(x)  # [T, top_k]
-        if self.num_shared:
-            tokens = x.shape[0]
-            ids = torch.cat([ids, self.shared_ids.expand(tokens, -1)], dim=1)
-            weights = torch.cat([weights, self.shared_weights.expand(tokens, -1)], dim=1)
-        experts = self.experts
-        out = self.platform.moe_experts(
-            x, ids, weights, experts.w13, experts.w2, getattr(experts, "w13_scale", None), getattr(experts, "w2_scale", None)
+        experts, gate = self.experts, self.gate
+        out = self.platform.route_and_run_experts(
+            x, gate.weight, gate.e_score_correction_bias, gate.routing, self.num_shared, experts.w13, experts.w2,
+            getattr(experts, "w13_scale", None), getattr(experts, "w2_scale", None),
         )
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

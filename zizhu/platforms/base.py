@@ -76,6 +76,21 @@ class Platform:
     int8_linear = staticmethod(ops.int8_linear)
     linear = staticmethod(F.linear)  # the model's full-precision projections
 
+    def route_and_run_experts(
+        self, x, router_weight, bias, routing, num_shared, w13, w2, w13_scale=None, w2_scale=None
+    ) -> torch.Tensor:
+        """A MoE block after its norm: `route_experts`, then `moe_experts` over the chosen experts
+        and the `num_shared` shared experts stacked after the routed ones in w13 / w2 (always chosen,
+        weight 1). A platform may run it as one call: at batch-1 decode the three steps apart cost
+        more in dispatch than the routing itself."""
+        ids, weights = self.route_experts(x, router_weight, bias, routing)
+        if num_shared:
+            tokens, routed = x.shape[0], router_weight.shape[0]
+            shared = torch.arange(routed, routed + num_shared, dtype=ids.dtype, device=ids.device)
+            ids = torch.cat([ids, shared.expand(tokens, -1)], dim=1)
+            weights = torch.cat([weights, weights.new_ones(tokens, num_shared)], dim=1)
+        return self.moe_experts(x, ids, weights, w13, w2, w13_scale, w2_scale)
+
     def rms_norm_int8_linear(self, x, norm_weight, eps, qweight, scale) -> torch.Tensor:
         """`int8_linear(rms_norm(x))`, for a norm whose output feeds only this projection; a
         platform may fuse the two (decode runs two such pairs per layer)."""

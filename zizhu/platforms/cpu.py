@@ -146,26 +146,41 @@ class CpuPlatform(Platform):
 
     def route_experts(self, x, weight, bias, routing):
         lib = cpu_kernels.load()
-        if (
+        if self._native_routing(lib, x, weight, bias, routing):
+            return cpu_kernels.route_experts(lib, x, weight, bias, routing)
+        return ops.route_experts(x, weight, bias, routing)
+
+    @staticmethod
+    def _native_routing(lib, x, weight, bias, routing) -> bool:
+        return (
             lib is not None
             and x.dtype == weight.dtype == torch.float32
             and weight.is_contiguous()
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
             and routing.scoring in cpu_kernels.SCORING
             and routing.method in cpu_kernels.METHODS
-        ):
-            return cpu_kernels.route_experts(lib, x, weight, bias, routing)
-        return ops.route_experts(x, weight, bias, routing)
+        )
 
     def moe_experts(self, x, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
         lib = cpu_kernels.load()
+        if self._native_experts(lib, x, w13, w2, w13_scale, w2_scale):
+            return cpu_kernels.moe(lib, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale)
+        return ops.moe_experts(x, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale, int8_matmul=self.int8_linear)
+
+    @staticmethod
+    def _native_experts(lib, x, w13, w2, w13_scale, w2_scale) -> bool:
         if w13_scale is None:
             weights_ok = w13.dtype == w2.dtype == torch.float32
         else:
             weights_ok = w13.dtype == w2.dtype == torch.int8 and w13_scale.dtype == w2_scale.dtype == torch.float32
+        return lib is not None and weights_ok and x.dtype == torch.float32 and w13.is_contiguous() and w2.is_contiguous()
+
+    def route_and_run_experts(self, x, router_weight, bias, routing, num_shared, w13, w2, w13_scale=None, w2_scale=None):
+        lib = cpu_kernels.load()
         if (
-            lib is not None and weights_ok and x.dtype == torch.float32
-            and w13.is_contiguous() and w2.is_contiguous()
+            self._native_routing(lib, x, router_weight, bias, routing)
+            and self._native_experts(lib, x, w13, w2, w13_scale, w2_scale)
+            and x.dim() == 2
         ):
-            return cpu_kernels.moe(lib, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale)
-        return ops.moe_experts(x, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale, int8_matmul=self.int8_linear)
+            return cpu_kernels.moe_routed(lib, x, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale)
+        return super().route_and_run_experts(x, router_weight, bias, routing, num_shared, w13, w2, w13_scale, w2_scale)

@@ -78,6 +78,12 @@ def load() -> ctypes.CDLL | None:
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
         + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     )
+    lib.moe_routed_f32.restype = None
+    lib.moe_routed_f32.argtypes = (
+        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_int] * 2
+        + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 4
+        + [ctypes.c_int64, ctypes.c_int]
+    )
     lib.argmax_rows_f32.restype = None
     lib.argmax_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.rms_norm_f32.restype = None
@@ -250,6 +256,24 @@ def route_experts(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias:
         torch.get_num_threads(),
     )
     return ids, weights
+
+
+def moe_routed(
+    lib: ctypes.CDLL, x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, routing, num_shared: int,
+    w13: torch.Tensor, s13: torch.Tensor | None, w2: torch.Tensor, s2: torch.Tensor | None,
+) -> torch.Tensor:
+    """`route_experts`, the shared experts appended, and `moe` in one native call: `[T, D]` fp32."""
+    x = x.contiguous()
+    tokens, hidden = x.shape
+    out = torch.empty_like(x)
+    lib.moe_routed_f32(
+        x.data_ptr(), out.data_ptr(), tokens, hidden, router.data_ptr(), None if bias is None else bias.data_ptr(),
+        router.shape[0], SCORING[routing.scoring], METHODS[routing.method], routing.n_group, routing.topk_group,
+        routing.top_k, int(routing.norm_topk_prob), routing.scaling, num_shared,
+        w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
+        w13.shape[1] // 2, torch.get_num_threads(),
+    )
+    return out
 
 
 def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "moe.h"
 #include "simd.h"
 
 /* index of the largest of v[0..n) not yet taken, lowest index among equals; -1 if none */
@@ -83,4 +84,32 @@ void moe_route_f32(const float* x, int64_t x_stride, const float* w, const float
         }
     }
     free(scores); free(choice); free(group_score); free(taken);
+}
+
+/* A whole MoE block after its norm: route each token (as moe_route_f32), append the S shared
+ * experts (stacked after the E routed ones, weight 1), run every chosen expert (moe_f32). One
+ * call instead of three, and no id tensors built in between. */
+void moe_routed_f32(const float* x, float* out, int64_t T, int64_t D, const float* router, const float* bias,
+                    int64_t E, int scoring, int method, int64_t n_group, int64_t topk_group, int64_t K, int norm,
+                    float scaling, int64_t S, const void* w13, const float* s13, const void* w2, const float* s2,
+                    int64_t I, int threads) {
+    float* logits = malloc(sizeof(float) * (T * E + 1));
+    int64_t* routed_ids = malloc(sizeof(int64_t) * (T * K + 1));
+    float* routed_weights = malloc(sizeof(float) * (T * K + 1));
+    int64_t* ids = malloc(sizeof(int64_t) * (T * (K + S) + 1));
+    float* weights = malloc(sizeof(float) * (T * (K + S) + 1));
+    moe_route_f32(x, D, router, bias, T, D, E, scoring, method, n_group, topk_group, K, norm, scaling, logits,
+                  routed_ids, routed_weights, threads);
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t k = 0; k < K; k++) {
+            ids[t * (K + S) + k] = routed_ids[t * K + k];
+            weights[t * (K + S) + k] = routed_weights[t * K + k];
+        }
+        for (int64_t s = 0; s < S; s++) {
+            ids[t * (K + S) + K + s] = E + s;
+            weights[t * (K + S) + K + s] = 1.0f;
+        }
+    }
+    moe_f32(x, out, ids, weights, T, K + S, E + S, w13, s13, w2, s2, D, I, threads);
+    free(logits); free(routed_ids); free(routed_weights); free(ids); free(weights);
 }
