@@ -17,118 +17,189 @@
 
 #include "simd.h"
 
-static void axpy(float a, const float* x, float* y, int64_t n) {
-    const __m256 av = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] += a * x[i];
-}
-
 /* bf16 weights (the absorbed W_UK / W_UV when bf16 holds them exactly, as it does for bf16
  * checkpoints) widen to fp32 by a shift: half the bytes of the fp32 copy, the same products. */
 static inline __m256 load_bf16(const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-static void axpy_bf16(float a, const uint16_t* x, float* y, int64_t n) {
-    const __m256 av = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load_bf16(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) {
-        const uint32_t bits = (uint32_t)x[i] << 16;
-        float v;
-        memcpy(&v, &bits, sizeof v);
-        y[i] += a * v;
-    }
+static inline float bf16_to_f32(uint16_t v) {
+    const uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
-/* dot_f32 with one bf16 operand, in the same order of operations */
-static float dot_bf16(const uint16_t* a, const float* b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(load_bf16(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(load_bf16(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(load_bf16(a + i), _mm256_loadu_ps(b + i), s0);
-    float s = hsum8(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) {
-        const uint32_t bits = (uint32_t)a[i] << 16;
-        float v;
-        memcpy(&v, &bits, sizeof v);
-        s += v * b[i];
-    }
-    return s;
+/* Eight weights from an fp32 or bf16 row. */
+static inline __m256 load_w(const void* w, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t*)w + i) : _mm256_loadu_ps((const float*)w + i);
 }
 
-/* dot_f32 of four query rows (q + i * qs) with one cache row, sharing its loads: each sum in
- * exactly dot_f32's order, so a head's score does not depend on which heads share the call. */
-static void dot4_f32(const float* q, int64_t qs, const float* row, int64_t n, float out[4]) {
+static inline float scalar_w(const void* w, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t*)w)[i]) : ((const float*)w)[i];
+}
+
+/* The dot products of up to four rows a + i * as with one row w (fp32 or bf16), sharing w's loads.
+ * Every sum runs in one fixed order (two 8-wide accumulators over 16-element steps, then the tail),
+ * whatever the number of rows, so a result does not depend on which rows share the call. */
+static inline __attribute__((always_inline)) void dots(const float* a, int64_t as, const int rows, const void* w,
+                                                       int bf16, int64_t n, float* out, int64_t out_stride) {
     __m256 s0[4], s1[4];
-    for (int i = 0; i < 4; i++) s0[i] = s1[i] = _mm256_setzero_ps();
+    for (int i = 0; i < rows; i++) s0[i] = s1[i] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= n; k += 16) {
-        const __m256 r0 = _mm256_loadu_ps(row + k), r1 = _mm256_loadu_ps(row + k + 8);
-        for (int i = 0; i < 4; i++) {
-            s0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * qs + k), r0, s0[i]);
-            s1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * qs + k + 8), r1, s1[i]);
+        const __m256 w0 = load_w(w, k, bf16), w1 = load_w(w, k + 8, bf16);
+        for (int i = 0; i < rows; i++) {
+            s0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * as + k), w0, s0[i]);
+            s1[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * as + k + 8), w1, s1[i]);
         }
     }
     for (; k + 8 <= n; k += 8) {
-        const __m256 r0 = _mm256_loadu_ps(row + k);
-        for (int i = 0; i < 4; i++) s0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * qs + k), r0, s0[i]);
+        const __m256 w0 = load_w(w, k, bf16);
+        for (int i = 0; i < rows; i++) s0[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i * as + k), w0, s0[i]);
     }
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < rows; i++) {
         float t = hsum8(_mm256_add_ps(s0[i], s1[i]));
-        for (int64_t j = k; j < n; j++) t += q[i * qs + j] * row[j];
-        out[i] = t;
+        for (int64_t j = k; j < n; j++) t += a[i * as + j] * scalar_w(w, j, bf16);
+        out[i * out_stride] = t;
     }
 }
 
-/* Attention of heads [h0, h1) of sequence b; q_lat rows are [B, H, R], o_lat likewise. */
-static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const float* q_pe, int64_t qp_sb,
-                   int64_t qp_sh, const float* cache, const int64_t* tables, int64_t table_stride, int64_t len,
-                   float* o_lat, float* scores, int64_t H, int64_t R, int64_t P, int64_t block_size, float scale) {
-    const int64_t W = R + P, nh = h1 - h0;
-    const int64_t* table = tables + b * table_stride;
+/* Up to eight sums y_i[0..8) = sum_j c[i * cs + j] * x_j[0..8), x_j = src[j] + offset, in order of
+ * j from zero: the coefficients broadcast, the eight columns of each x_j loaded once. */
+static inline __attribute__((always_inline)) void weighted8(const float* c, int64_t cs, const int count,
+                                                            const float* const* src, int64_t offset, int64_t len,
+                                                            float* y, int64_t ys) {
+    __m256 acc[8];
+    for (int i = 0; i < count; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; j++) {
-        const float* row = cache + (table[j / block_size] * block_size + j % block_size) * W;
+        const __m256 v = _mm256_loadu_ps(src[j] + offset);
+        for (int i = 0; i < count; i++) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(c[i * cs + j]), v, acc[i]);
+    }
+    for (int i = 0; i < count; i++) _mm256_storeu_ps(y + i * ys, acc[i]);
+}
+
+/* weighted8 for any number of sums: eights, then a four, two, one. */
+static void weighted(const float* c, int64_t cs, int64_t count, const float* const* src, int64_t offset, int64_t len,
+                     float* y, int64_t ys) {
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) weighted8(c + i * cs, cs, 8, src, offset, len, y + i * ys, ys);
+    if (count - i >= 4) { weighted8(c + i * cs, cs, 4, src, offset, len, y + i * ys, ys); i += 4; }
+    if (count - i >= 2) { weighted8(c + i * cs, cs, 2, src, offset, len, y + i * ys, ys); i += 2; }
+    if (count - i >= 1) weighted8(c + i * cs, cs, 1, src, offset, len, y + i * ys, ys);
+}
+
+/* y_i = sum_n q_i[n] * W[n] for one or four query rows q_i = q + i * qs and one head's absorbed
+ * weight rows W[n] = w + base + n * R, the sums in registers, each in order of n from zero whatever
+ * the number of rows. Four accumulators either way (four rows of eight columns, or one row of 32
+ * columns), so the FMA latency is hidden at batch 1 too. */
+static inline __attribute__((always_inline)) void absorb(const float* q, int64_t qs, const int rows, const void* w,
+                                                         int bf16, int64_t base, int64_t Dn, int64_t R, float* y,
+                                                         int64_t ys) {
+    const int chunks = rows == 1 ? 4 : 1; /* 8-column chunks per pass */
+    int64_t r = 0;
+    for (; r + 8 * chunks <= R; r += 8 * chunks) {
+        __m256 acc[4][4];
+        for (int i = 0; i < rows; i++)
+            for (int c = 0; c < chunks; c++) acc[i][c] = _mm256_setzero_ps();
+        for (int64_t n = 0; n < Dn; n++)
+            for (int c = 0; c < chunks; c++) {
+                const __m256 wv = load_w(w, base + n * R + r + 8 * c, bf16);
+                for (int i = 0; i < rows; i++) acc[i][c] = _mm256_fmadd_ps(_mm256_set1_ps(q[i * qs + n]), wv, acc[i][c]);
+            }
+        for (int i = 0; i < rows; i++)
+            for (int c = 0; c < chunks; c++) _mm256_storeu_ps(y + i * ys + r + 8 * c, acc[i][c]);
+    }
+    for (; r + 8 <= R; r += 8) {
+        for (int i = 0; i < rows; i++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t n = 0; n < Dn; n++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(q[i * qs + n]), load_w(w, base + n * R + r, bf16), acc);
+            _mm256_storeu_ps(y + i * ys + r, acc);
+        }
+    }
+    for (; r < R; r++)
+        for (int i = 0; i < rows; i++) {
+            float t = 0.0f;
+            for (int64_t n = 0; n < Dn; n++) t += q[i * qs + n] * scalar_w(w, base + n * R + r, bf16);
+            y[i * ys + r] = t;
+        }
+}
+
+/* e^x for eight floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial, within 2 ulp
+ * of libm), so a softmax over long contexts costs vector rather than scalar work. NaN stays NaN. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+    x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+/* softmax of s[0..n) in place */
+static void softmax(float* s, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum8(sum);
+    for (; j < n; j++) {
+        float tail[8] = {s[j] - m};
+        _mm256_storeu_ps(tail, exp8(_mm256_loadu_ps(tail)));
+        total += (s[j] = tail[0]);
+    }
+    const float inv = 1.0f / total;
+    for (j = 0; j < n; j++) s[j] *= inv;
+}
+
+/* Attention of heads [h0, h1) of sequence b over its cached rows (row pointers in `rows`); q_lat
+ * and o_lat are [B, H, R]. */
+static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const float* q_pe, int64_t qp_sb,
+                   int64_t qp_sh, const float* const* rows, int64_t len, float* o_lat, float* scores, int64_t H,
+                   int64_t R, int64_t P, float scale) {
+    const int64_t nh = h1 - h0;
+    for (int64_t j = 0; j < len; j++) {
+        const float* row = rows[j];
         int64_t h = h0;
         for (; h + 4 <= h1; h += 4) {
             float lat[4], pe[4];
-            dot4_f32(q_lat + (b * H + h) * R, R, row, R, lat);
-            dot4_f32(q_pe + b * qp_sb + h * qp_sh, qp_sh, row + R, P, pe);
+            dots(q_lat + (b * H + h) * R, R, 4, row, 0, R, lat, 1);
+            dots(q_pe + b * qp_sb + h * qp_sh, qp_sh, 4, row + R, 0, P, pe, 1);
             for (int i = 0; i < 4; i++) scores[(h - h0 + i) * len + j] = (lat[i] + pe[i]) * scale;
         }
         for (; h < h1; h++) {
-            const float s = dot_f32(q_lat + (b * H + h) * R, row, R) + dot_f32(q_pe + b * qp_sb + h * qp_sh, row + R, P);
-            scores[(h - h0) * len + j] = s * scale;
+            float lat, pe;
+            dots(q_lat + (b * H + h) * R, R, 1, row, 0, R, &lat, 1);
+            dots(q_pe + b * qp_sb + h * qp_sh, qp_sh, 1, row + R, 0, P, &pe, 1);
+            scores[(h - h0) * len + j] = (lat + pe) * scale;
         }
     }
-    for (int64_t i = 0; i < nh; i++) {
-        float* s = scores + i * len;
-        float m = -INFINITY, total = 0.0f;
-        for (int64_t j = 0; j < len; j++) m = s[j] > m ? s[j] : m;
-        for (int64_t j = 0; j < len; j++) total += (s[j] = expf(s[j] - m));
-        const float inv = 1.0f / total;
-        for (int64_t j = 0; j < len; j++) s[j] *= inv;
-        float* o = o_lat + (b * H + h0 + i) * R;
-        for (int64_t r = 0; r < R; r++) o[r] = 0.0f;
-    }
-    /* out[i] += p[i, j] * row[j], heads in the inner loop so each row chunk is loaded once */
-    for (int64_t j = 0; j < len; j++) {
-        const float* row = cache + (table[j / block_size] * block_size + j % block_size) * W;
-        int64_t r = 0;
-        for (; r + 8 <= R; r += 8) {
-            const __m256 v = _mm256_loadu_ps(row + r);
-            for (int64_t i = 0; i < nh; i++) {
-                float* o = o_lat + (b * H + h0 + i) * R + r;
-                _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(scores[i * len + j]), v, _mm256_loadu_ps(o)));
-            }
+    for (int64_t i = 0; i < nh; i++) softmax(scores + i * len, len);
+    /* o[i] = sum_j p[i, j] * c_kv_j: eight columns at a time, the heads' sums in registers */
+    float* o = o_lat + (b * H + h0) * R;
+    int64_t r = 0;
+    for (; r + 8 <= R; r += 8) weighted(scores, len, nh, rows, r, len, o + r, R);
+    for (; r < R; r++)
+        for (int64_t i = 0; i < nh; i++) {
+            float t = 0.0f;
+            for (int64_t j = 0; j < len; j++) t += scores[i * len + j] * rows[j][r];
+            o[i * R + r] = t;
         }
-        for (; r < R; r++)
-            for (int64_t i = 0; i < nh; i++) o_lat[(b * H + h0 + i) * R + r] += scores[i * len + j] * row[r];
-    }
 }
 
 void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H, Dn], last dim dense */
@@ -144,43 +215,43 @@ void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H
     int64_t groups = 1;
     while (groups < H && (B * groups < 2 * threads || H % groups != 0)) groups++;
     const int64_t per_group = H / groups;
+    const int64_t W = R + P;
 
 #pragma omp parallel num_threads(threads)
     {
+        /* 1. absorb: q_lat[b, h] = sum_n q_nope[b, h, n] * W_UK[h, n], four sequences per pass over
+         *    the head's weight rows, the sums in registers (in order of n, as the sequences apart) */
 #pragma omp for schedule(static)
-        for (int64_t h = 0; h < H; h++) {
-            for (int64_t b = 0; b < B; b++) {
-                float* q = q_lat + (b * H + h) * R;
-                for (int64_t r = 0; r < R; r++) q[r] = 0.0f;
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t b0 = 0; b0 < B; b0 += 4) {
+                const float* q = q_nope + b0 * qn_sb + h * qn_sh;
+                float* y = q_lat + (b0 * H + h) * R;
+                if (B - b0 >= 4)
+                    absorb(q, qn_sb, 4, w_uk, w_bf16, h * Dn * R, Dn, R, y, H * R);
+                else
+                    for (int64_t b = b0; b < B; b++) absorb(q + (b - b0) * qn_sb, qn_sb, 1, w_uk, w_bf16, h * Dn * R, Dn, R, y + (b - b0) * H * R, H * R);
             }
-            for (int64_t n = 0; n < Dn; n++) {
-                const int64_t row = (h * Dn + n) * R;
-                for (int64_t b = 0; b < B; b++) {
-                    const float a = q_nope[b * qn_sb + h * qn_sh + n];
-                    if (w_bf16)
-                        axpy_bf16(a, (const uint16_t*)w_uk + row, q_lat + (b * H + h) * R, R);
-                    else
-                        axpy(a, (const float*)w_uk + row, q_lat + (b * H + h) * R, R);
-                }
-            }
-        }
+        /* 2. attend, per (sequence, group of heads) */
         float* scores = malloc(sizeof(float) * per_group * (max_len > 0 ? max_len : 1));
+        const float** rows = malloc(sizeof(float*) * (max_len > 0 ? max_len : 1));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < B * groups; item++) {
-            const int64_t b = item / groups, h0 = (item % groups) * per_group;
-            attend(b, h0, h0 + per_group, q_lat, q_pe, qp_sb, qp_sh, cache, tables, table_stride, seq_lens[b], o_lat,
-                   scores, H, R, P, block_size, scale);
+            const int64_t b = item / groups, h0 = (item % groups) * per_group, len = seq_lens[b];
+            const int64_t* table = tables + b * table_stride;
+            for (int64_t j = 0; j < len; j++) rows[j] = cache + (table[j / block_size] * block_size + j % block_size) * W;
+            attend(b, h0, h0 + per_group, q_lat, q_pe, qp_sb, qp_sh, rows, len, o_lat, scores, H, R, P, scale);
         }
         free(scores);
+        free(rows);
+        /* 3. project out: out[b, h, v] = W_UV[h, v] . o_lat[b, h], four sequences per weight row */
 #pragma omp for schedule(static)
         for (int64_t h = 0; h < H; h++)
             for (int64_t v = 0; v < Dv; v++) {
                 const int64_t row = (h * Dv + v) * R;
-                for (int64_t b = 0; b < B; b++) {
-                    const float* o = o_lat + (b * H + h) * R;
-                    out[(b * H + h) * Dv + v] =
-                        w_bf16 ? dot_bf16((const uint16_t*)w_uv + row, o, R) : dot_f32((const float*)w_uv + row, o, R);
-                }
+                const void* w = w_bf16 ? (const void*)((const uint16_t*)w_uv + row) : (const void*)((const float*)w_uv + row);
+                int64_t b = 0;
+                for (; b + 4 <= B; b += 4) dots(o_lat + (b * H + h) * R, H * R, 4, w, w_bf16, R, out + (b * H + h) * Dv + v, H * Dv);
+                for (; b < B; b++) dots(o_lat + (b * H + h) * R, H * R, 1, w, w_bf16, R, out + (b * H + h) * Dv + v, H * Dv);
             }
     }
 }
