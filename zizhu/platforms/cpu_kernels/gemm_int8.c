@@ -122,6 +122,12 @@ static inline void store(const float* x, int64_t xs, const float* xq_scale, cons
         store(x, xs, xq_scale, w, K, K32, scale, y, ys, m, n, R, C, out);                      \
         break;
 
+#define ROWS_CASE(R)                                                                           \
+    case R:                                                                                    \
+        tile(xq + m * K32, K32, R, w + n * K, K, 1, out);                                      \
+        store(x, xs, xq_scale, w, K, K32, scale, y, ys, m, n, R, 1, out);                      \
+        break;
+
 void int8_cols(const float* x, int64_t xs, const int16_t* xq, const float* xq_scale, int64_t M, int64_t K,
                const int8_t* w, const float* scale, float* y, int64_t ys, int64_t n_begin, int64_t n_end) {
     const int64_t K32 = K & ~(int64_t)(CHUNK - 1);
@@ -135,9 +141,10 @@ void int8_cols(const float* x, int64_t xs, const int16_t* xq, const float* xq_sc
                 for (int64_t n = n0; n < n0 + cols; n++) {
                     switch (1) { TILE_CASE(4, 1) }
                 }
-            for (; m < me; m++)
+            const int rest = (int)(me - m); /* 0-3 rows left: one tile of that height */
+            if (rest)
                 for (int64_t n = n0; n < n0 + cols; n++) {
-                    switch (1) { TILE_CASE(1, 1) }
+                    switch (rest) { ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) }
                 }
         }
     }
