@@ -280,9 +280,11 @@ ROUTING_IDS = ["greedy", "group_limited", "noaux_tc", "noaux_tc_one_group"]
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)
 @pytest.mark.parametrize("num_shared", [0, 2])
 @pytest.mark.parametrize("int8", [False, True])
-def test_route_and_run_experts(platform, routing, num_shared, int8):
+@pytest.mark.parametrize("layer", [False, True], ids=["block", "with-norm-and-residual"])
+def test_route_and_run_experts(platform, routing, num_shared, int8, layer):
     """The whole MoE block equals route_experts then moe_experts, the shared experts (stacked after
-    the routed ones) appended to every token with weight 1."""
+    the routed ones) appended to every token with weight 1; with a norm weight and add_input, on
+    the normalised input and with the input added back (the decoder layer's residual)."""
     from zizhu.layers.quant import quantize_int8_rows
 
     g = torch.Generator().manual_seed(11)
@@ -295,13 +297,17 @@ def test_route_and_run_experts(platform, routing, num_shared, int8):
     s13 = s2 = None
     if int8:
         (w13, s13), (w2, s2) = quantize_int8_rows(w13), quantize_int8_rows(w2)
+    norm = torch.rand(hidden, generator=g) + 0.5 if layer else None
     dev = platform.device
     on = lambda t: None if t is None else t.to(dev)  # noqa: E731
-    got = platform.route_and_run_experts(on(x), on(router), on(bias), routing, num_shared, on(w13), on(w2), on(s13), on(s2))
-    ids, weights = ops.route_experts(x, router, bias, routing)
+    got = platform.route_and_run_experts(
+        on(x), on(router), on(bias), routing, num_shared, on(w13), on(w2), on(s13), on(s2), on(norm), 1e-6, layer
+    ).cpu()
+    h = ops.rms_norm(x, norm, 1e-6) if layer else x
+    ids, weights = ops.route_experts(h, router, bias, routing)
     ids = torch.cat([ids, torch.arange(routed, routed + num_shared).expand(tokens, -1)], dim=1)
     weights = torch.cat([weights, torch.ones(tokens, num_shared)], dim=1)
-    assert_experts_close(got.cpu(), x, ids, weights, w13, w2, s13, s2)
+    assert_experts_close(got - x if layer else got, h, ids, weights, w13, w2, s13, s2)
 
 
 @pytest.mark.parametrize("routing", ROUTINGS, ids=ROUTING_IDS)

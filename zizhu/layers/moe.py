@@ -8,6 +8,7 @@ from torch import nn
 
 from zizhu.config import ModelConfig
 from zizhu.layers.linear import Linear
+from zizhu.layers.norm import RMSNorm
 from zizhu.ops.moe import Routing
 
 
@@ -91,12 +92,18 @@ class MoE(nn.Module):
         self.num_shared = n
         self.shared_experts = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, add_input: bool = False) -> torch.Tensor:
+        """`(x if add_input else 0) + MoE(norm(x))`: the layer's post-attention norm and residual add
+        come in so that the platform can run the whole block as one call."""
         experts, gate = self.experts, self.gate
+        separate_shared = self.shared_experts is not None  # not folded (bf16): added as before, then x
         out = self.platform.route_and_run_experts(
             x, gate.weight, gate.e_score_correction_bias, gate.routing, self.num_shared, experts.w13, experts.w2,
             getattr(experts, "w13_scale", None), getattr(experts, "w2_scale", None),
+            None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, add_input and not separate_shared,
         )
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if separate_shared:
+            out = out + self.shared_experts(x if norm is None else norm(x))
+            if add_input:
+                out = x + out
         return out

@@ -35,10 +35,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
         self.self_attn = MLAttention(cfg, platform, dtype, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
-        self.mlp = MoE(cfg, platform, dtype) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, platform)
+        self.moe = cfg.is_moe_layer(layer)
+        self.mlp = MoE(cfg, platform, dtype) if self.moe else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, platform)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor):
         h = h + self.self_attn(h, positions, batch, cache, self.input_layernorm)
+        if self.moe:  # norm, experts and residual add in one platform call
+            return self.mlp(h, norm=self.post_attention_layernorm, add_input=True)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -77,19 +77,23 @@ class Platform:
     linear = staticmethod(F.linear)  # the model's full-precision projections
 
     def route_and_run_experts(
-        self, x, router_weight, bias, routing, num_shared, w13, w2, w13_scale=None, w2_scale=None
+        self, x, router_weight, bias, routing, num_shared, w13, w2, w13_scale=None, w2_scale=None,
+        norm_weight=None, eps=0.0, add_input=False,
     ) -> torch.Tensor:
-        """A MoE block after its norm: `route_experts`, then `moe_experts` over the chosen experts
-        and the `num_shared` shared experts stacked after the routed ones in w13 / w2 (always chosen,
-        weight 1). A platform may run it as one call: at batch-1 decode the three steps apart cost
-        more in dispatch than the routing itself."""
-        ids, weights = self.route_experts(x, router_weight, bias, routing)
+        """A decoder layer's MoE block: with `norm_weight`, x is RMS-normalised first; then
+        `route_experts`, and `moe_experts` over the chosen experts and the `num_shared` shared experts
+        stacked after the routed ones in w13 / w2 (always chosen, weight 1); with `add_input`, x (as
+        given) is added to the result, the layer's residual. A platform may run it all as one call:
+        at batch-1 decode the steps apart cost more in dispatch than the routing itself."""
+        h = x if norm_weight is None else self.rms_norm(x, norm_weight, eps)
+        ids, weights = self.route_experts(h, router_weight, bias, routing)
         if num_shared:
             tokens, routed = x.shape[0], router_weight.shape[0]
             shared = torch.arange(routed, routed + num_shared, dtype=ids.dtype, device=ids.device)
             ids = torch.cat([ids, shared.expand(tokens, -1)], dim=1)
             weights = torch.cat([weights, weights.new_ones(tokens, num_shared)], dim=1)
-        return self.moe_experts(x, ids, weights, w13, w2, w13_scale, w2_scale)
+        out = self.moe_experts(h, ids, weights, w13, w2, w13_scale, w2_scale)
+        return x + out if add_input else out
 
     def rms_norm_int8_linear(self, x, norm_weight, eps, qweight, scale) -> torch.Tensor:
         """`int8_linear(rms_norm(x))`, for a norm whose output feeds only this projection; a

@@ -175,12 +175,20 @@ class CpuPlatform(Platform):
             weights_ok = w13.dtype == w2.dtype == torch.int8 and w13_scale.dtype == w2_scale.dtype == torch.float32
         return lib is not None and weights_ok and x.dtype == torch.float32 and w13.is_contiguous() and w2.is_contiguous()
 
-    def route_and_run_experts(self, x, router_weight, bias, routing, num_shared, w13, w2, w13_scale=None, w2_scale=None):
+    def route_and_run_experts(
+        self, x, router_weight, bias, routing, num_shared, w13, w2, w13_scale=None, w2_scale=None,
+        norm_weight=None, eps=0.0, add_input=False,
+    ):
         lib = cpu_kernels.load()
         if (
             self._native_routing(lib, x, router_weight, bias, routing)
             and self._native_experts(lib, x, w13, w2, w13_scale, w2_scale)
             and x.dim() == 2
+            and (norm_weight is None or (norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()))
         ):
-            return cpu_kernels.moe_routed(lib, x, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale)
-        return super().route_and_run_experts(x, router_weight, bias, routing, num_shared, w13, w2, w13_scale, w2_scale)
+            return cpu_kernels.moe_routed(
+                lib, x, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale, norm_weight, eps, add_input
+            )
+        return super().route_and_run_experts(
+            x, router_weight, bias, routing, num_shared, w13, w2, w13_scale, w2_scale, norm_weight, eps, add_input
+        )

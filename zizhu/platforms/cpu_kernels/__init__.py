@@ -80,7 +80,8 @@ def load() -> ctypes.CDLL | None:
     )
     lib.moe_routed_f32.restype = None
     lib.moe_routed_f32.argtypes = (
-        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_int] * 2
+        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_int] * 2
         + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 4
         + [ctypes.c_int64, ctypes.c_int]
     )
@@ -261,13 +262,16 @@ def route_experts(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, bias:
 def moe_routed(
     lib: ctypes.CDLL, x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, routing, num_shared: int,
     w13: torch.Tensor, s13: torch.Tensor | None, w2: torch.Tensor, s2: torch.Tensor | None,
+    norm_weight: torch.Tensor | None = None, eps: float = 0.0, add_input: bool = False,
 ) -> torch.Tensor:
-    """`route_experts`, the shared experts appended, and `moe` in one native call: `[T, D]` fp32."""
+    """The MoE block in one native call (moe_route.c): `[T, D]` fp32 `(x if add_input else 0) +
+    MoE(rms_norm(x) if norm_weight is given else x)`."""
     x = x.contiguous()
     tokens, hidden = x.shape
     out = torch.empty_like(x)
     lib.moe_routed_f32(
-        x.data_ptr(), out.data_ptr(), tokens, hidden, router.data_ptr(), None if bias is None else bias.data_ptr(),
+        x.data_ptr(), out.data_ptr(), tokens, hidden, None if norm_weight is None else norm_weight.data_ptr(), eps,
+        int(add_input), router.data_ptr(), None if bias is None else bias.data_ptr(),
         router.shape[0], SCORING[routing.scoring], METHODS[routing.method], routing.n_group, routing.topk_group,
         routing.top_k, int(routing.norm_topk_prob), routing.scaling, num_shared,
         w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),

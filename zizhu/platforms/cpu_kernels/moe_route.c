@@ -86,19 +86,27 @@ void moe_route_f32(const float* x, int64_t x_stride, const float* w, const float
     free(scores); free(choice); free(group_score); free(taken);
 }
 
-/* A whole MoE block after its norm: route each token (as moe_route_f32), append the S shared
- * experts (stacked after the E routed ones, weight 1), run every chosen expert (moe_f32). One
- * call instead of three, and no id tensors built in between. */
-void moe_routed_f32(const float* x, float* out, int64_t T, int64_t D, const float* router, const float* bias,
-                    int64_t E, int scoring, int method, int64_t n_group, int64_t topk_group, int64_t K, int norm,
-                    float scaling, int64_t S, const void* w13, const float* s13, const void* w2, const float* s2,
-                    int64_t I, int threads) {
+/* A whole MoE block: with norm_weight, RMS-normalise x first (rms_norm_row, as rms_norm_f32 does);
+ * route each token (as moe_route_f32), append the S shared experts (stacked after the E routed
+ * ones, weight 1), run every chosen expert (moe_f32); with add_input, return x + that, the
+ * decoder layer's residual add. One call instead of five, and no tensors built in between. */
+void moe_routed_f32(const float* x, float* out, int64_t T, int64_t D, const float* norm_weight, float eps,
+                    int add_input, const float* router, const float* bias, int64_t E, int scoring, int method,
+                    int64_t n_group, int64_t topk_group, int64_t K, int norm, float scaling, int64_t S,
+                    const void* w13, const float* s13, const void* w2, const float* s2, int64_t I, int threads) {
     float* logits = malloc(sizeof(float) * (T * E + 1));
     int64_t* routed_ids = malloc(sizeof(int64_t) * (T * K + 1));
     float* routed_weights = malloc(sizeof(float) * (T * K + 1));
     int64_t* ids = malloc(sizeof(int64_t) * (T * (K + S) + 1));
     float* weights = malloc(sizeof(float) * (T * (K + S) + 1));
-    moe_route_f32(x, D, router, bias, T, D, E, scoring, method, n_group, topk_group, K, norm, scaling, logits,
+    float* normed = norm_weight ? malloc(sizeof(float) * (T * D + 1)) : NULL;
+    const float* in = x;
+    if (normed) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (T * D >= 65536)
+        for (int64_t t = 0; t < T; t++) rms_norm_row(x + t * D, norm_weight, normed + t * D, D, eps);
+        in = normed;
+    }
+    moe_route_f32(in, D, router, bias, T, D, E, scoring, method, n_group, topk_group, K, norm, scaling, logits,
                   routed_ids, routed_weights, threads);
     for (int64_t t = 0; t < T; t++) {
         for (int64_t k = 0; k < K; k++) {
@@ -110,6 +118,8 @@ void moe_routed_f32(const float* x, float* out, int64_t T, int64_t D, const floa
             weights[t * (K + S) + K + s] = 1.0f;
         }
     }
-    moe_f32(x, out, ids, weights, T, K + S, E + S, w13, s13, w2, s2, D, I, threads);
-    free(logits); free(routed_ids); free(routed_weights); free(ids); free(weights);
+    moe_f32(in, out, ids, weights, T, K + S, E + S, w13, s13, w2, s2, D, I, threads);
+    if (add_input)
+        for (int64_t j = 0; j < T * D; j++) out[j] = x[j] + out[j];
+    free(logits); free(routed_ids); free(routed_weights); free(ids); free(weights); free(normed);
 }
