@@ -4,6 +4,8 @@ A vendor runs this file with ZIZHU_PLATFORM=<name> to prove a new platform; by d
 the selected platform (CPU here), and it always checks the seam itself: selection and plugins.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -376,3 +378,43 @@ def test_argmax(platform, rows, vocab):
     want = logits.argmax(dim=-1)
     assert torch.equal(got, want)
     assert int(got[0]) == int(top[0])
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_mla_decode_layer(platform, batch, narrow):
+    """A whole int8 MLA decode layer in the platform's own form equals the hooks applied in turn
+    (Platform.mla_decode_layer's composition, on this platform's hooks): the output and the latent
+    written to the cache."""
+    g = torch.Generator().manual_seed(21)
+    hidden, heads, nope, rope, v, rank, q_lora, bs = 96, 4, 16, 8, 16, 32, 40, 4
+    w = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    (q_kv_a, s_kv), (q_b, s_b), (o, s_o) = (
+        quantize_int8_rows(w(q_lora + rank + rope, hidden)), quantize_int8_rows(w(heads * (nope + rope), q_lora)),
+        quantize_int8_rows(w(hidden, heads * v)),
+    )
+    w_uk, w_uv = w(heads, nope, rank), w(heads, v, rank)
+    if narrow:
+        w_uk, w_uv = platform.prepare_absorbed(w_uk.bfloat16().float()), platform.prepare_absorbed(w_uv.bfloat16().float())
+    norm = lambda n: torch.rand(n, generator=g) + 0.5  # noqa: E731
+    layer = ops.MLADecodeLayer(
+        norm(hidden), 1e-6, q_kv_a, s_kv, norm(q_lora), 1e-6, q_b, s_b, norm(rank), 1e-6, w_uk, w_uv, o, s_o,
+        heads, nope, rope, v, 0.3,
+    )
+    h = torch.randn(batch, hidden, generator=g)
+    cache = torch.randn(12, bs, rank + rope, generator=g)
+    tables = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(batch)])
+    seq_lens = torch.randint(1, 3 * bs + 1, (batch,), generator=g)
+    slots = torch.stack([tables[b, (seq_lens[b] - 1) // bs] * bs + (seq_lens[b] - 1) % bs for b in range(batch)])
+    angles = torch.rand(batch, rope // 2, generator=g) * 6
+    dev = platform.device
+    tensors = {f.name: getattr(layer, f.name).to(dev) for f in dataclasses.fields(layer) if isinstance(getattr(layer, f.name), torch.Tensor)}
+    layer = dataclasses.replace(layer, **tensors)
+    h, cache, tables, seq_lens, slots = (t.to(dev) for t in (h, cache, tables, seq_lens, slots))
+    args = (angles.cos().to(dev), angles.sin().to(dev), False)
+    fused_cache, composed_cache = cache.clone(), cache.clone()
+    got = platform.mla_decode_layer(h, layer, *args, fused_cache, slots, tables, seq_lens)
+    want = Platform.mla_decode_layer(platform, h, layer, *args, composed_cache, slots, tables, seq_lens)
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_cache.cpu(), composed_cache.cpu(), atol=1e-6, rtol=1e-6)
+    assert not torch.equal(fused_cache, cache)  # the new tokens' latents were written

@@ -15,7 +15,8 @@ from zizhu.layers.batch import AttentionBatch
 from zizhu.layers.linear import Linear
 from zizhu.layers.norm import RMSNorm
 from zizhu.layers.rope import RotaryEmbedding
-from zizhu.ops.attention import gather_context
+from zizhu.layers.quant import Int8Linear
+from zizhu.ops.attention import MLADecodeLayer, gather_context
 
 # Context rows one grouped prefill call decompresses (64 new 128-token prompts fit in one call).
 PREFILL_GROUP_ROWS = 8192
@@ -46,6 +47,7 @@ class MLAttention(nn.Module):
         self.rotary = rotary  # shared by all layers: cos/sin are computed once per step
         self.w_uk: torch.Tensor | None = None  # [H, nope, R], derived from kv_b_proj after loading
         self.w_uv: torch.Tensor | None = None  # [H, v, R] (fp32, or narrower: Platform.prepare_absorbed)
+        self.decode_layer: MLADecodeLayer | None = None  # set by prepare_decode_layer when it applies
 
     def fuse_input_projections(self) -> None:
         """One matmul for q_a_proj and kv_a_proj_with_mqa: both read the same normalised input, so
@@ -69,17 +71,39 @@ class MLAttention(nn.Module):
         self.w_uk = self.platform.prepare_absorbed(w[:, : self.nope_dim].float().contiguous())
         self.w_uv = self.platform.prepare_absorbed(w[:, self.nope_dim :].float().contiguous())
 
+    def prepare_decode_layer(self, input_norm: RMSNorm) -> None:
+        """With a q LoRA and every projection int8 (and no bias), bundle the weights a decode step
+        reads, so that decode-only steps run the whole layer as one platform call
+        (`Platform.mla_decode_layer`)."""
+        projections = [getattr(self, name, None) for name in ("q_kv_a_proj", "q_b_proj", "o_proj")]
+        if not self.q_lora_rank or not all(isinstance(p, Int8Linear) and p.bias is None for p in projections):
+            return
+        q_kv_a, q_b, o = projections
+        self.decode_layer = MLADecodeLayer(
+            input_norm.weight, input_norm.eps, q_kv_a.qweight, q_kv_a.scale, self.q_a_layernorm.weight,
+            self.q_a_layernorm.eps, q_b.qweight, q_b.scale, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+            self.w_uk, self.w_uv, o.qweight, o.scale, self.num_heads, self.nope_dim, self.rope_dim, self.v_dim, self.scale,
+        )
+
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor, input_norm: RMSNorm
+        self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor, input_norm: RMSNorm,
+        add_input: bool = False,
     ):
-        """Attention over `input_norm(x)`: the layer's input norm comes in unapplied, so that an int8
-        projection can fuse it (as q_b_proj fuses q_a_layernorm). Slices rather than split(), and no
-        hasattr(): at batch-1 decode each torch call costs microseconds against a layer's ~1.5 ms."""
+        """`(x if add_input else 0) + attention(input_norm(x))`: the layer's input norm and residual
+        add come in unapplied, so that an int8 projection can fuse the norm (as q_b_proj fuses
+        q_a_layernorm) and a decode-only step can run as one platform call. Slices rather than
+        split(), and no hasattr(): at batch-1 decode each torch call costs microseconds."""
         num_tokens = x.shape[0]
+        if self.decode_layer is not None and add_input and batch.num_decodes == num_tokens:
+            cos, sin = self.rotary.cos_sin(positions, x.dtype)
+            return self.platform.mla_decode_layer(
+                x, self.decode_layer, cos, sin, self.rotary.interleaved, cache, batch.slot_mapping,
+                batch.block_tables, batch.seq_lens,
+            )
         if not self.q_lora_rank:
-            x = input_norm(x)  # two projections read it
-            q = self.q_proj(x)
-            kv_a = self.kv_a_proj_with_mqa(x)
+            normed = input_norm(x)  # two projections read it
+            q = self.q_proj(normed)
+            kv_a = self.kv_a_proj_with_mqa(normed)
         else:
             # q_a_proj and kv_a_proj_with_mqa, fused when the layer finished loading
             q_kv_a = self.q_kv_a_proj(x, norm=input_norm)
@@ -98,15 +122,16 @@ class MLAttention(nn.Module):
             out = self.platform.mla_decode(
                 q_nope, q_pe, self.w_uk, self.w_uv, cache, batch.block_tables, batch.seq_lens, self.scale
             ).to(x.dtype)
-            return self.o_proj(out.view(num_tokens, -1))
-        out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
-        if n_dec:
-            out[:n_dec] = self.platform.mla_decode(
-                q_nope[:n_dec], q_pe[:n_dec], self.w_uk, self.w_uv, cache,
-                batch.block_tables[:n_dec], batch.seq_lens[:n_dec], self.scale,
-            ).to(out.dtype)
-        self._prefill(q, batch, cache, out)
-        return self.o_proj(out.view(num_tokens, -1))
+        else:
+            out = x.new_empty(num_tokens, self.num_heads, self.v_dim)
+            if n_dec:
+                out[:n_dec] = self.platform.mla_decode(
+                    q_nope[:n_dec], q_pe[:n_dec], self.w_uk, self.w_uv, cache,
+                    batch.block_tables[:n_dec], batch.seq_lens[:n_dec], self.scale,
+                ).to(out.dtype)
+            self._prefill(q, batch, cache, out)
+        out = self.o_proj(out.view(num_tokens, -1))
+        return x + out if add_input else out
 
     def _prefill(self, q: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor, out: torch.Tensor) -> None:
         """Prefill attention, one call per group of sequences with the same query and context lengths

@@ -39,7 +39,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg, platform, dtype) if self.moe else MLP(cfg.hidden_size, cfg.intermediate_size, dtype, platform)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor):
-        h = h + self.self_attn(h, positions, batch, cache, self.input_layernorm)
+        h = self.self_attn(h, positions, batch, cache, self.input_layernorm, add_input=True)
         if self.moe:  # norm, experts and residual add in one platform call
             return self.mlp(h, norm=self.post_attention_layernorm, add_input=True)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -76,10 +76,12 @@ class DeepseekForCausalLM(nn.Module):
 
     def prepare_weights(self) -> None:
         """After loading (and quantizing): let the platform lay out the weights that only the
-        forward pass reads. Today the vocabulary head (full precision or int8), the largest one,
-        unless the embedding shares it."""
+        forward pass reads: the vocabulary head (full precision or int8), the largest one, unless
+        the embedding shares it; and the int8 MLA layers' decode bundles (MLADecodeLayer)."""
         if not self.cfg.tie_word_embeddings:
             self.lm_head.prepare()
+        for layer in self.model.layers:
+            layer.self_attn.prepare_decode_layer(layer.input_layernorm)
 
     # ------------------------------------------------------------------ loading
     def load_weights(

@@ -6,6 +6,8 @@ normalised c_kv followed by the roped k_pe of one token. Nothing per head is eve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -138,3 +140,34 @@ def mla_prefill(
     )
     out = out[..., :v_head_dim].transpose(1, 2)  # [G, Q, H, D_v]
     return out if grouped else out[0]
+
+
+@dataclass(frozen=True)
+class MLADecodeLayer:
+    """The weights one MLA layer's decode reads, for `Platform.mla_decode_layer`: checkpoints with a
+    q LoRA, every projection int8 with per-row scales (the CPU fast path). The tensors are the
+    model's own, not copies."""
+
+    input_norm: torch.Tensor  # [D], the decoder layer's input RMSNorm
+    input_eps: float
+    q_kv_a: torch.Tensor  # int8 [q_lora + R + P, D]: q_a_proj and kv_a_proj_with_mqa fused
+    q_kv_a_scale: torch.Tensor
+    q_a_norm: torch.Tensor  # [q_lora]
+    q_a_eps: float
+    q_b: torch.Tensor  # int8 [H * (D_nope + P), q_lora]
+    q_b_scale: torch.Tensor
+    kv_a_norm: torch.Tensor  # [R]
+    kv_a_eps: float
+    w_uk: torch.Tensor  # [H, D_nope, R], fp32 or as Platform.prepare_absorbed left it
+    w_uv: torch.Tensor  # [H, D_v, R]
+    o: torch.Tensor  # int8 [D, H * D_v]
+    o_scale: torch.Tensor
+    num_heads: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+    scale: float
+
+    @property
+    def q_lora_rank(self) -> int:
+        return self.q_a_norm.shape[0]

@@ -128,6 +128,26 @@ class Platform:
             q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale, paged_attention=self.paged_mla_decode
         )
 
+    def mla_decode_layer(
+        self, h, layer: ops.MLADecodeLayer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens
+    ) -> torch.Tensor:
+        """`h + o_proj(attention(input_norm(h)))` for one new token per sequence `h [B, D]`: a whole
+        MLA layer of a decode step with int8 projections (the latent written to `cache` as
+        `mla_write_latent` does). By default the hooks above in turn; a platform may run it as one
+        call, which at batch 1 saves more than any of its kernels."""
+        tokens, ql = h.shape[0], layer.q_lora_rank
+        q_kv_a = self.rms_norm_int8_linear(h, layer.input_norm, layer.input_eps, layer.q_kv_a, layer.q_kv_a_scale)
+        q = self.rms_norm_int8_linear(q_kv_a[:, :ql], layer.q_a_norm, layer.q_a_eps, layer.q_b, layer.q_b_scale)
+        q = q.view(tokens, layer.num_heads, layer.nope_dim + layer.rope_dim)
+        self.mla_write_latent(
+            q, q_kv_a[:, ql:], layer.kv_a_norm, layer.kv_a_eps, cos, sin, interleaved, cache, slot_mapping
+        )
+        out = self.mla_decode(
+            q[..., : layer.nope_dim], q[..., layer.nope_dim :], layer.w_uk, layer.w_uv, cache, block_tables, seq_lens,
+            layer.scale,
+        )
+        return h + self.int8_linear(out.to(h.dtype).view(tokens, -1), layer.o, layer.o_scale)
+
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy tokens of `[B, V]` logits: each row's first index of its maximum, a NaN counting as
         the maximum (torch's rule). Over a large vocabulary at many rows this is a visible part of a

@@ -23,7 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "gemm.c", "gemm_int8.c", "gemm_packed.c", "mla_decode.c", "mla_latent.c", "moe_route.c", "rms_norm.c")]
+SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "gemm.c", "gemm_int8.c", "gemm_packed.c", "mla_decode.c", "mla_latent.c", "mla_layer.c", "moe_route.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -84,6 +84,14 @@ def load() -> ctypes.CDLL | None:
         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_int] * 2
         + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 4
         + [ctypes.c_int64, ctypes.c_int]
+    )
+    lib.mla_decode_layer_i8.restype = None
+    lib.mla_decode_layer_i8.argtypes = (
+        [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_float]
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2
+        + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 2
+        + [ctypes.c_int64] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3
+        + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     )
     lib.argmax_rows_f32.restype = None
     lib.argmax_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
@@ -221,6 +229,27 @@ def mla_decode(
         w_uk.data_ptr(), w_uv.data_ptr(), int(w_uk.dtype == torch.bfloat16), cache.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
         scratch.data_ptr(), scratch.data_ptr() + 4 * batch * heads * rank, out.data_ptr(),
         batch, heads, nope, value, rank, rope, cache.shape[1], scale, torch.get_num_threads(),
+    )
+    return out
+
+
+def mla_decode_layer(lib: ctypes.CDLL, h: torch.Tensor, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens) -> torch.Tensor:
+    """`Platform.mla_decode_layer` in one native call (mla_layer.c): `h [B, D]` contiguous fp32."""
+    tokens, hidden = h.shape
+    rank = layer.kv_a_norm.shape[0]
+    cos, sin, slots = cos.contiguous(), sin.contiguous(), slot_mapping.contiguous()
+    tables, lens = block_tables.contiguous(), seq_lens.contiguous()
+    out = torch.empty_like(h)
+    lib.mla_decode_layer_i8(
+        h.data_ptr(), out.data_ptr(), tokens, hidden, layer.input_norm.data_ptr(), layer.input_eps,
+        layer.q_kv_a.data_ptr(), layer.q_kv_a_scale.data_ptr(), layer.q_lora_rank,
+        layer.q_a_norm.data_ptr(), layer.q_a_eps, layer.q_b.data_ptr(), layer.q_b_scale.data_ptr(),
+        layer.kv_a_norm.data_ptr(), layer.kv_a_eps,
+        layer.w_uk.data_ptr(), layer.w_uv.data_ptr(), int(layer.w_uk.dtype == torch.bfloat16),
+        layer.o.data_ptr(), layer.o_scale.data_ptr(),
+        layer.num_heads, layer.nope_dim, layer.rope_dim, layer.v_dim, rank, layer.scale,
+        cos.data_ptr(), sin.data_ptr(), int(interleaved), cache.data_ptr(), slots.data_ptr(),
+        tables.data_ptr(), tables.stride(0), lens.data_ptr(), cache.shape[1], torch.get_num_threads(),
     )
     return out
 

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mla.h"
 #include "simd.h"
 
 /* bf16 weights (the absorbed W_UK / W_UV when bf16 holds them exactly, as it does for bf16

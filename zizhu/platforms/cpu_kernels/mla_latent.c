@@ -5,6 +5,7 @@
  * the two halves, or the even and odd dims when `interleaved`. */
 #include <stdint.h>
 
+#include "mla.h"
 #include "simd.h"
 
 static void rotate(const float* x, float* out, const float* cos, const float* sin, int64_t half, int interleaved) {
