@@ -59,7 +59,7 @@ def load() -> ctypes.CDLL | None:
     lib.gemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.pack_f32_panels.restype = lib.gemm_f32_packed.restype = None
     lib.pack_f32_panels.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    lib.gemm_f32_packed.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.gemm_f32_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.moe_f32.restype = None
     lib.moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.mla_decode_f32.restype = None
@@ -172,8 +172,8 @@ def linear_packed(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight) -> to
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if x2.shape[0]:
         lib.gemm_f32_packed(
-            x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), None,
-            y.data_ptr(), x2.shape[0], n, weight.in_features, x2.stride(0), n, torch.get_num_threads(),
+            x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), y.data_ptr(),
+            x2.shape[0], n, weight.in_features, x2.stride(0), n, torch.get_num_threads(),
         )
     return _shaped(y, x)
 

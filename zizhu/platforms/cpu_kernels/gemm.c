@@ -22,88 +22,81 @@
  * pair streams past them; unblocked, a 512-token prefill re-read all of x from L3 per pair. */
 #define ROW_BLOCK 64
 
-#define LOAD_F32(p) _mm256_loadu_ps(p)
-
 static inline void prefetch(const void* p, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + PREFETCH + b, _MM_HINT_T0);
 }
 
-/* For one weight type: a row dot product, the 4x2 register tile, and a thread's share of output
- * columns [n_begin, n_end) (gemm_cols_<type>). */
-#define DEFINE_GEMM(TYPE, WT, LOAD)                                                                        \
-    static float dot_row_##TYPE(const float* x, const WT* w, int64_t K) {                                   \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                          \
-        int64_t k = 0;                                                                                      \
-        for (; k + 32 <= K; k += 32) {                                                                      \
-            prefetch(w + k, 32 * sizeof(WT));                                                               \
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), LOAD(w + k), a0);                                  \
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), LOAD(w + k + 8), a1);                          \
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), LOAD(w + k + 16), a2);                        \
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), LOAD(w + k + 24), a3);                        \
-        }                                                                                                   \
-        for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), LOAD(w + k), a0);          \
-        float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                      \
-        for (; k < K; k++) s += x[k] * (float)w[k];                                                         \
-        return s;                                                                                           \
-    }                                                                                                       \
-                                                                                                            \
-    static void tile_4x2_##TYPE(const float* x, int64_t xs, const WT* w0, const WT* w1, int64_t K,          \
-                                float out[4][2]) {                                                          \
-        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, \
-               c31 = c00;                                                                                   \
-        int64_t k = 0;                                                                                      \
-        for (; k + 8 <= K; k += 8) {                                                                        \
-            if ((k * sizeof(WT)) % 64 == 0) {                                                               \
-                prefetch(w0 + k, 64);                                                                       \
-                prefetch(w1 + k, 64);                                                                       \
-            }                                                                                               \
-            const __m256 v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                              \
-            __m256 xv = _mm256_loadu_ps(x + k);                                                             \
-            c00 = _mm256_fmadd_ps(xv, v0, c00); c01 = _mm256_fmadd_ps(xv, v1, c01);                         \
-            xv = _mm256_loadu_ps(x + xs + k);                                                               \
-            c10 = _mm256_fmadd_ps(xv, v0, c10); c11 = _mm256_fmadd_ps(xv, v1, c11);                         \
-            xv = _mm256_loadu_ps(x + 2 * xs + k);                                                           \
-            c20 = _mm256_fmadd_ps(xv, v0, c20); c21 = _mm256_fmadd_ps(xv, v1, c21);                         \
-            xv = _mm256_loadu_ps(x + 3 * xs + k);                                                           \
-            c30 = _mm256_fmadd_ps(xv, v0, c30); c31 = _mm256_fmadd_ps(xv, v1, c31);                         \
-        }                                                                                                   \
-        out[0][0] = hsum8(c00); out[0][1] = hsum8(c01); out[1][0] = hsum8(c10); out[1][1] = hsum8(c11);     \
-        out[2][0] = hsum8(c20); out[2][1] = hsum8(c21); out[3][0] = hsum8(c30); out[3][1] = hsum8(c31);     \
-        for (; k < K; k++)                                                                                  \
-            for (int i = 0; i < 4; i++) {                                                                   \
-                out[i][0] += x[i * xs + k] * (float)w0[k];                                                  \
-                out[i][1] += x[i * xs + k] * (float)w1[k];                                                  \
-            }                                                                                               \
-    }                                                                                                       \
-                                                                                                            \
-    static void gemm_cols_##TYPE(const float* x, const WT* w, const float* scale, float* y, int64_t M,      \
-                                 int64_t K, int64_t xs, int64_t ys, int64_t n_begin, int64_t n_end) {       \
-        for (int64_t mb = 0; mb < M; mb += ROW_BLOCK) {                                                     \
-            const int64_t me = mb + ROW_BLOCK < M ? mb + ROW_BLOCK : M;                                     \
-            const int64_t m4 = mb + ((me - mb) & ~(int64_t)3);                                              \
-            for (int64_t n0 = n_begin; n0 < n_end; n0 += 2) {                                               \
-                const int both = n0 + 1 < n_end;                                                            \
-                const WT* w0 = w + n0 * K;                                                                  \
-                const WT* w1 = both ? w0 + K : w0;                                                          \
-                const float s0 = scale ? scale[n0] : 1.0f, s1 = scale && both ? scale[n0 + 1] : 1.0f;       \
-                for (int64_t m = mb; m < m4; m += 4) {                                                      \
-                    float out[4][2];                                                                        \
-                    tile_4x2_##TYPE(x + m * xs, xs, w0, w1, K, out);                                        \
-                    for (int i = 0; i < 4; i++) {                                                           \
-                        y[(m + i) * ys + n0] = out[i][0] * s0;                                              \
-                        if (both) y[(m + i) * ys + n0 + 1] = out[i][1] * s1;                                \
-                    }                                                                                       \
-                }                                                                                           \
-                for (int64_t m = m4; m < me; m++) {                                                         \
-                    const float* xr = x + m * xs;                                                           \
-                    y[m * ys + n0] = dot_row_##TYPE(xr, w0, K) * s0;                                        \
-                    if (both) y[m * ys + n0 + 1] = dot_row_##TYPE(xr, w1, K) * s1;                          \
-                }                                                                                           \
-            }                                                                                               \
-        }                                                                                                   \
+/* A row dot product, the 4x2 register tile, and a thread's share of output columns [n_begin, n_end). */
+static float dot_row_f32(const float* x, const float* w, int64_t K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        prefetch(w + k, 32 * sizeof(float));
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(w + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(w + k + 24), a3);
     }
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) s += x[k] * w[k];
+    return s;
+}
 
-DEFINE_GEMM(f32, float, LOAD_F32)
+static void tile_4x2_f32(const float* x, int64_t xs, const float* w0, const float* w1, int64_t K, float out[4][2]) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+           c31 = c00;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        if ((k * sizeof(float)) % 64 == 0) {
+            prefetch(w0 + k, 64);
+            prefetch(w1 + k, 64);
+        }
+        const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+        __m256 xv = _mm256_loadu_ps(x + k);
+        c00 = _mm256_fmadd_ps(xv, v0, c00); c01 = _mm256_fmadd_ps(xv, v1, c01);
+        xv = _mm256_loadu_ps(x + xs + k);
+        c10 = _mm256_fmadd_ps(xv, v0, c10); c11 = _mm256_fmadd_ps(xv, v1, c11);
+        xv = _mm256_loadu_ps(x + 2 * xs + k);
+        c20 = _mm256_fmadd_ps(xv, v0, c20); c21 = _mm256_fmadd_ps(xv, v1, c21);
+        xv = _mm256_loadu_ps(x + 3 * xs + k);
+        c30 = _mm256_fmadd_ps(xv, v0, c30); c31 = _mm256_fmadd_ps(xv, v1, c31);
+    }
+    out[0][0] = hsum8(c00); out[0][1] = hsum8(c01); out[1][0] = hsum8(c10); out[1][1] = hsum8(c11);
+    out[2][0] = hsum8(c20); out[2][1] = hsum8(c21); out[3][0] = hsum8(c30); out[3][1] = hsum8(c31);
+    for (; k < K; k++)
+        for (int i = 0; i < 4; i++) {
+            out[i][0] += x[i * xs + k] * w0[k];
+            out[i][1] += x[i * xs + k] * w1[k];
+        }
+}
+
+static void gemm_cols_f32(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t xs, int64_t ys,
+                          int64_t n_begin, int64_t n_end) {
+    for (int64_t mb = 0; mb < M; mb += ROW_BLOCK) {
+        const int64_t me = mb + ROW_BLOCK < M ? mb + ROW_BLOCK : M;
+        const int64_t m4 = mb + ((me - mb) & ~(int64_t)3);
+        for (int64_t n0 = n_begin; n0 < n_end; n0 += 2) {
+            const int both = n0 + 1 < n_end;
+            const float* w0 = w + n0 * K;
+            const float* w1 = both ? w0 + K : w0;
+            for (int64_t m = mb; m < m4; m += 4) {
+                float out[4][2];
+                tile_4x2_f32(x + m * xs, xs, w0, w1, K, out);
+                for (int i = 0; i < 4; i++) {
+                    y[(m + i) * ys + n0] = out[i][0];
+                    if (both) y[(m + i) * ys + n0 + 1] = out[i][1];
+                }
+            }
+            for (int64_t m = m4; m < me; m++) {
+                const float* xr = x + m * xs;
+                y[m * ys + n0] = dot_row_f32(xr, w0, K);
+                if (both) y[m * ys + n0 + 1] = dot_row_f32(xr, w1, K);
+            }
+        }
+    }
+}
+
 
 /* Split N into per-thread ranges of whole column pairs. */
 #define PARALLEL_COLS(N, BODY)                                              \
@@ -118,7 +111,7 @@ DEFINE_GEMM(f32, float, LOAD_F32)
 /* fp32 weights, for the few-row products where MKL's GEMM pays more than the weight stream. */
 void gemm_f32(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int64_t x_stride,
               int64_t y_stride, int threads) {
-    PARALLEL_COLS(N, gemm_cols_f32(x, w, NULL, y, M, K, x_stride, y_stride, n_begin, n_end))
+    PARALLEL_COLS(N, gemm_cols_f32(x, w, y, M, K, x_stride, y_stride, n_begin, n_end))
 }
 
 /* Routed experts of one layer in one call, from the router's choice to the weighted sum.
@@ -183,7 +176,7 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
                 int8_cols(xs + p0 * D, D, xq + p0 * D32, xq_scale + p0, rows, D, (const int8_t*)w13 + e * 2 * I * D,
                           s13 + e * 2 * I, h + p0 * 2 * I, 2 * I, n0, n1);
             else
-                gemm_cols_f32(xs + p0 * D, (const float*)w13 + e * 2 * I * D, NULL, h + p0 * 2 * I, rows, D, D,
+                gemm_cols_f32(xs + p0 * D, (const float*)w13 + e * 2 * I * D, h + p0 * 2 * I, rows, D, D,
                               2 * I, n0, n1);
         }
 #pragma omp for schedule(static)
@@ -204,7 +197,7 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
                 int8_cols(h + p0 * 2 * I, 2 * I, hq + p0 * I32, hq_scale + p0, rows, I, (const int8_t*)w2 + e * D * I,
                           s2 + e * D, ys + p0 * D, D, n0, n1);
             else
-                gemm_cols_f32(h + p0 * 2 * I, (const float*)w2 + e * D * I, NULL, ys + p0 * D, rows, I, 2 * I, D,
+                gemm_cols_f32(h + p0 * 2 * I, (const float*)w2 + e * D * I, ys + p0 * D, rows, I, 2 * I, D,
                               n0, n1);
         }
 #pragma omp for schedule(static)

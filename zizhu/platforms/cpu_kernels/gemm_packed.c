@@ -27,95 +27,75 @@
  * the panel, so a prefill's thousands of rows are not re-read from memory for every panel. */
 #define ROW_BLOCK_BYTES (256 << 10)
 
-/* One panel row as two 8-wide fp32 vectors. */
-static inline void panel_row_f32(const float* p, __m256* lo, __m256* hi) {
-    *lo = _mm256_loadu_ps(p);
-    *hi = _mm256_loadu_ps(p + 8);
+void pack_f32_panels(float* w, float* tail, int64_t N, int64_t K, int threads) {
+    const int64_t full = N / PANEL;
+#pragma omp parallel num_threads(threads)
+    {
+        float* slab = malloc(sizeof(float) * PANEL * K);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < full; p++) {
+            float* panel = w + p * PANEL * K;
+            memcpy(slab, panel, sizeof(float) * PANEL * K);
+            for (int64_t k = 0; k < K; k++)
+                for (int64_t j = 0; j < PANEL; j++) panel[k * PANEL + j] = slab[j * K + k];
+        }
+        free(slab);
+    }
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t j = 0; j < PANEL; j++)
+            tail[k * PANEL + j] = full * PANEL + j < N ? w[(full * PANEL + j) * K + k] : 0.0f;
 }
 
-/* For one weight type: in-place packing (pack_<type>_panels), the tile, and the GEMM
- * (gemm_<type>_packed). */
-#define DEFINE_PACKED(TYPE, WT)                                                                              \
-    void pack_##TYPE##_panels(WT* w, WT* tail, int64_t N, int64_t K, int threads) {                          \
-        const int64_t full = N / PANEL;                                                                       \
-        _Pragma("omp parallel num_threads(threads)") {                                                        \
-            WT* slab = malloc(sizeof(WT) * PANEL * K);                                                        \
-            _Pragma("omp for schedule(static)") for (int64_t p = 0; p < full; p++) {                          \
-                WT* panel = w + p * PANEL * K;                                                                \
-                memcpy(slab, panel, sizeof(WT) * PANEL * K);                                                  \
-                for (int64_t k = 0; k < K; k++)                                                               \
-                    for (int64_t j = 0; j < PANEL; j++) panel[k * PANEL + j] = slab[j * K + k];               \
-            }                                                                                                 \
-            free(slab);                                                                                       \
-        }                                                                                                     \
-        for (int64_t k = 0; k < K; k++)                                                                       \
-            for (int64_t j = 0; j < PANEL; j++)                                                               \
-                tail[k * PANEL + j] = full * PANEL + j < N ? w[(full * PANEL + j) * K + k] : (WT)0;           \
-    }                                                                                                         \
-                                                                                                              \
-    /* `rows` (1..TILE_ROWS) rows of x against one panel; `cols` (1..16) valid output columns, scaled by      \
-     * `scale` (16 values, or NULL). */                                                                       \
-    static inline __attribute__((always_inline)) void tile_##TYPE(const float* x, int64_t xs, const WT* wp,  \
-                                                                  int64_t K, const float* scale, float* y,    \
-                                                                  int64_t ys, const int rows, int64_t cols) { \
-        __m256 c0[TILE_ROWS], c1[TILE_ROWS];                                                                  \
-        for (int i = 0; i < rows; i++) c0[i] = c1[i] = _mm256_setzero_ps();                                   \
-        for (int64_t k = 0; k < K; k++) {                                                                     \
-            _mm_prefetch((const char*)(wp + (k + PREFETCH_ROWS) * PANEL), _MM_HINT_T0);                       \
-            __m256 w0, w1;                                                                                    \
-            panel_row_##TYPE(wp + k * PANEL, &w0, &w1);                                                       \
-            for (int i = 0; i < rows; i++) {                                                                  \
-                const __m256 b = _mm256_broadcast_ss(x + i * xs + k);                                         \
-                c0[i] = _mm256_fmadd_ps(b, w0, c0[i]);                                                        \
-                c1[i] = _mm256_fmadd_ps(b, w1, c1[i]);                                                        \
-            }                                                                                                 \
-        }                                                                                                     \
-        const __m256 s0 = scale ? _mm256_loadu_ps(scale) : _mm256_set1_ps(1.0f);                              \
-        const __m256 s1 = scale ? _mm256_loadu_ps(scale + 8) : _mm256_set1_ps(1.0f);                          \
-        for (int i = 0; i < rows; i++) {                                                                      \
-            float out[PANEL];                                                                                 \
-            float* dst = cols == PANEL ? y + i * ys : out;                                                    \
-            _mm256_storeu_ps(dst, _mm256_mul_ps(c0[i], s0));                                                  \
-            _mm256_storeu_ps(dst + 8, _mm256_mul_ps(c1[i], s1));                                              \
-            if (cols < PANEL) memcpy(y + i * ys, out, cols * sizeof(float));                                  \
-        }                                                                                                     \
-    }                                                                                                         \
-                                                                                                              \
-    /* Each thread takes whole panels; within a panel every tile of rows reuses it from L1 (or L2). */        \
-    void gemm_##TYPE##_packed(const float* x, const WT* wp, const WT* tail, const float* scale, float* y,     \
-                              int64_t M, int64_t N, int64_t K, int64_t x_stride, int64_t y_stride,            \
-                              int threads) {                                                                  \
-        const int64_t panels = (N + PANEL - 1) / PANEL;                                                       \
-        int64_t block = ROW_BLOCK_BYTES / (K * (int64_t)sizeof(float)) / TILE_ROWS * TILE_ROWS;               \
-        if (block < TILE_ROWS) block = TILE_ROWS;                                                             \
-        _Pragma("omp parallel num_threads(threads)") for (int64_t mb = 0; mb < M; mb += block) {              \
-            const int64_t me = mb + block < M ? mb + block : M;                                               \
-            _Pragma("omp for schedule(static)") for (int64_t p = 0; p < panels; p++) {                        \
-                const WT* panel = p < N / PANEL ? wp + p * K * PANEL : tail;                                  \
-                const int64_t n0 = p * PANEL, cols = N - n0 < PANEL ? N - n0 : PANEL;                         \
-                float padded[PANEL];                                                                          \
-                const float* s = NULL;                                                                        \
-                if (scale && cols == PANEL) s = scale + n0;                                                   \
-                if (scale && cols < PANEL) {                                                                  \
-                    for (int64_t j = 0; j < PANEL; j++) padded[j] = j < cols ? scale[n0 + j] : 0.0f;          \
-                    s = padded;                                                                               \
-                }                                                                                             \
-                int64_t m = mb;                                                                               \
-                for (; m + TILE_ROWS <= me; m += TILE_ROWS)                                                   \
-                    tile_##TYPE(x + m * x_stride, x_stride, panel, K, s, y + m * y_stride + n0, y_stride,     \
-                                TILE_ROWS, cols);                                                             \
-                const float* xr = x + m * x_stride;                                                           \
-                float* yr = y + m * y_stride + n0;                                                            \
-                switch (me - m) {                                                                             \
-                    case 5: tile_##TYPE(xr, x_stride, panel, K, s, yr, y_stride, 5, cols); break;             \
-                    case 4: tile_##TYPE(xr, x_stride, panel, K, s, yr, y_stride, 4, cols); break;             \
-                    case 3: tile_##TYPE(xr, x_stride, panel, K, s, yr, y_stride, 3, cols); break;             \
-                    case 2: tile_##TYPE(xr, x_stride, panel, K, s, yr, y_stride, 2, cols); break;             \
-                    case 1: tile_##TYPE(xr, x_stride, panel, K, s, yr, y_stride, 1, cols); break;             \
-                    default: break;                                                                           \
-                }                                                                                             \
-            }                                                                                                 \
-        }                                                                                                     \
+/* `rows` (1..TILE_ROWS) rows of x against one panel; `cols` (1..16) valid output columns. */
+static inline __attribute__((always_inline)) void tile(const float* x, int64_t xs, const float* wp, int64_t K,
+                                                       float* y, int64_t ys, const int rows, int64_t cols) {
+    __m256 c0[TILE_ROWS], c1[TILE_ROWS];
+    for (int i = 0; i < rows; i++) c0[i] = c1[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        _mm_prefetch((const char*)(wp + (k + PREFETCH_ROWS) * PANEL), _MM_HINT_T0);
+        const __m256 w0 = _mm256_loadu_ps(wp + k * PANEL), w1 = _mm256_loadu_ps(wp + k * PANEL + 8);
+        for (int i = 0; i < rows; i++) {
+            const __m256 b = _mm256_broadcast_ss(x + i * xs + k);
+            c0[i] = _mm256_fmadd_ps(b, w0, c0[i]);
+            c1[i] = _mm256_fmadd_ps(b, w1, c1[i]);
+        }
     }
+    for (int i = 0; i < rows; i++) {
+        float out[PANEL];
+        float* dst = cols == PANEL ? y + i * ys : out;
+        _mm256_storeu_ps(dst, c0[i]);
+        _mm256_storeu_ps(dst + 8, c1[i]);
+        if (cols < PANEL) memcpy(y + i * ys, out, cols * sizeof(float));
+    }
+}
 
-DEFINE_PACKED(f32, float)
+/* Each thread takes whole panels; within a panel every tile of rows reuses it from L1 (or L2). */
+void gemm_f32_packed(const float* x, const float* wp, const float* tail, float* y, int64_t M, int64_t N, int64_t K,
+                     int64_t x_stride, int64_t y_stride, int threads) {
+    const int64_t panels = (N + PANEL - 1) / PANEL;
+    int64_t block = ROW_BLOCK_BYTES / (K * (int64_t)sizeof(float)) / TILE_ROWS * TILE_ROWS;
+    if (block < TILE_ROWS) block = TILE_ROWS;
+#pragma omp parallel num_threads(threads)
+    for (int64_t mb = 0; mb < M; mb += block) {
+        const int64_t me = mb + block < M ? mb + block : M;
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const float* panel = p < N / PANEL ? wp + p * K * PANEL : tail;
+            const int64_t n0 = p * PANEL, cols = N - n0 < PANEL ? N - n0 : PANEL;
+            int64_t m = mb;
+            for (; m + TILE_ROWS <= me; m += TILE_ROWS)
+                tile(x + m * x_stride, x_stride, panel, K, y + m * y_stride + n0, y_stride, TILE_ROWS, cols);
+            const float* xr = x + m * x_stride;
+            float* yr = y + m * y_stride + n0;
+            switch (me - m) {
+                case 5: tile(xr, x_stride, panel, K, yr, y_stride, 5, cols); break;
+                case 4: tile(xr, x_stride, panel, K, yr, y_stride, 4, cols); break;
+                case 3: tile(xr, x_stride, panel, K, yr, y_stride, 3, cols); break;
+                case 2: tile(xr, x_stride, panel, K, yr, y_stride, 2, cols); break;
+                case 1: tile(xr, x_stride, panel, K, yr, y_stride, 1, cols); break;
+                default: break;
+            }
+        }
+    }
+}
+

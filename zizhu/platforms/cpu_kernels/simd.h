@@ -25,9 +25,6 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
     return s;
 }
 
-static inline __m256 widen8(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-}
 /* out = x * rsqrt(mean(x^2) + eps) * w, as torch's rms_norm computes it in fp32 */
 static inline void rms_norm_row(const float* x, const float* w, float* out, int64_t n, float eps) {
     float ss = 0.0f;
