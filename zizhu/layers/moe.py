@@ -95,15 +95,17 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, add_input: bool = False) -> torch.Tensor:
         """`(x if add_input else 0) + MoE(norm(x))`: the layer's post-attention norm and residual add
         come in so that the platform can run the whole block as one call."""
+        if self.shared_experts is None:  # none, or folded into `experts`: one platform call
+            return self._experts(x, norm, add_input)
+        # not folded (bf16): the shared MLP apart, summed with the routed experts before x is added
+        h = x if norm is None else norm(x)
+        out = self._experts(h, None, False) + self.shared_experts(h)
+        return x + out if add_input else out
+
+    def _experts(self, x: torch.Tensor, norm: RMSNorm | None, add_input: bool) -> torch.Tensor:
         experts, gate = self.experts, self.gate
-        separate_shared = self.shared_experts is not None  # not folded (bf16): added as before, then x
-        out = self.platform.route_and_run_experts(
+        return self.platform.route_and_run_experts(
             x, gate.weight, gate.e_score_correction_bias, gate.routing, self.num_shared, experts.w13, experts.w2,
             getattr(experts, "w13_scale", None), getattr(experts, "w2_scale", None),
-            None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, add_input and not separate_shared,
+            None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, add_input,
         )
-        if separate_shared:
-            out = out + self.shared_experts(x if norm is None else norm(x))
-            if add_input:
-                out = x + out
-        return out

@@ -107,7 +107,7 @@ class DeepseekForCausalLM(nn.Module):
             attn = self.model.layers[i].self_attn
             attn.absorb()
             attn.fuse_input_projections()
-            if isinstance(self.model.layers[i].mlp, MoE):
+            if self.model.layers[i].moe:
                 self.model.layers[i].mlp.fold_shared_experts()
             if on_layer_loaded is not None:
                 on_layer_loaded(self.model.layers[i])

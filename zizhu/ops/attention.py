@@ -142,11 +142,12 @@ def mla_prefill(
     return out if grouped else out[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class MLADecodeLayer:
     """The weights one MLA layer's decode reads, for `Platform.mla_decode_layer`: checkpoints with a
     q LoRA, every projection int8 with per-row scales (the CPU fast path). The tensors are the
-    model's own, not copies."""
+    model's own, not copies, and fixed once built, so a platform may check a bundle once (it
+    compares and hashes by identity)."""
 
     input_norm: torch.Tensor  # [D], the decoder layer's input RMSNorm
     input_eps: float

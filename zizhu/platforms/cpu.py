@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -149,17 +150,30 @@ class CpuPlatform(Platform):
         f32 = torch.float32
         if (
             lib is not None
+            and self._native_layer(layer)
             and h.dtype == cache.dtype == cos.dtype == sin.dtype == f32 and h.dim() == 2 and h.is_contiguous()
             and cache.is_contiguous()
-            and all(t.dtype == f32 and t.is_contiguous() for t in (
-                layer.input_norm, layer.q_a_norm, layer.kv_a_norm, layer.q_kv_a_scale, layer.q_b_scale, layer.o_scale))
-            and all(t.dtype == torch.int8 and t.is_contiguous() for t in (layer.q_kv_a, layer.q_b, layer.o))
-            and layer.w_uk.dtype == layer.w_uv.dtype and layer.w_uk.dtype in (f32, torch.bfloat16)
-            and layer.w_uk.is_contiguous() and layer.w_uv.is_contiguous()
             and slot_mapping.dtype == block_tables.dtype == seq_lens.dtype == torch.int64
         ):
             return cpu_kernels.mla_decode_layer(lib, h, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens)
         return super().mla_decode_layer(h, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens)
+
+    # MLADecodeLayer -> whether mla_layer.c reads it: a bundle's tensors are fixed once it is built, so
+    # each is checked on its first step, not on every step of every layer.
+    _native_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _native_layer(self, layer) -> bool:
+        native = self._native_layers.get(layer)
+        if native is None:
+            f32 = torch.float32
+            native = self._native_layers[layer] = (
+                all(t.dtype == f32 and t.is_contiguous() for t in (
+                    layer.input_norm, layer.q_a_norm, layer.kv_a_norm, layer.q_kv_a_scale, layer.q_b_scale, layer.o_scale))
+                and all(t.dtype == torch.int8 and t.is_contiguous() for t in (layer.q_kv_a, layer.q_b, layer.o))
+                and layer.w_uk.dtype == layer.w_uv.dtype and layer.w_uk.dtype in (f32, torch.bfloat16)
+                and layer.w_uk.is_contiguous() and layer.w_uv.is_contiguous()
+            )
+        return native
 
     def route_experts(self, x, weight, bias, routing):
         lib = cpu_kernels.load()
