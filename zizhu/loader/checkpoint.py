@@ -53,7 +53,7 @@ def iter_weights(model_dir: Path, fp8_block: tuple[int, int] | None = None, prog
     handles = []
     for path in files:
         try:
-            handles.append(safe_open(str(path), framework="pt"))
+            handles.append(safe_open(str(path), framework="pt", backend="pread"))
         except Exception as e:
             raise CheckpointError(f"cannot read {path.name}: {e}") from e
     location = {key: handle for handle in handles for key in handle.keys()}
