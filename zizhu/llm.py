@@ -86,12 +86,20 @@ class LLM:
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(order), desc="Generating", disable=not use_tqdm)
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    done[output.request_id] = output
-                    bar.update(1)
-        bar.close()
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        done[output.request_id] = output
+                        bar.update(1)
+        except BaseException:
+            # an interrupt or a failed step: drop this call's requests, so that their cache blocks
+            # are free and a later call does not resume them
+            for request_id in order:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
         return [done[request_id] for request_id in order]
 
     def _need_tokenizer(self) -> None:

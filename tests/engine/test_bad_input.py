@@ -167,3 +167,23 @@ def test_default_cache_holds_a_max_length_sequence(tiny_checkpoints):
     llm = LLM(path, dtype="float32", max_model_len=100, max_num_seqs=1)
     assert llm.engine.max_model_len == 100
     assert llm.engine.block_manager.num_blocks * 16 >= 100
+
+
+def test_failed_step_leaves_nothing_behind(llm, monkeypatch):
+    """A step that raises (an interrupt, a kernel error) ends the call's requests: their cache blocks
+    come back, and the next call neither resumes them nor waits for them."""
+    run, calls = llm.engine.runner.run, []
+
+    def failing(batch):
+        calls.append(batch)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run(batch)
+
+    monkeypatch.setattr(llm.engine.runner, "run", failing)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert llm.engine.stats().num_blocks_used == 0
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 4

@@ -130,7 +130,7 @@ class MLAttention(nn.Module):
                     batch.block_tables[:n_dec], batch.seq_lens[:n_dec], self.scale,
                 ).to(out.dtype)
             self._prefill(q, batch, cache, out)
-        out = self.o_proj(out.view(num_tokens, -1))
+        out = self.o_proj(out.reshape(num_tokens, -1))  # a platform's decode may return a strided view
         return x + out if add_input else out
 
     def _prefill(self, q: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor, out: torch.Tensor) -> None:

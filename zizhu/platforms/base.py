@@ -146,7 +146,7 @@ class Platform:
             q[..., : layer.nope_dim], q[..., layer.nope_dim :], layer.w_uk, layer.w_uv, cache, block_tables, seq_lens,
             layer.scale,
         )
-        return h + self.int8_linear(out.to(h.dtype).view(tokens, -1), layer.o, layer.o_scale)
+        return h + self.int8_linear(out.to(h.dtype).reshape(tokens, -1), layer.o, layer.o_scale)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy tokens of `[B, V]` logits: each row's first index of its maximum, a NaN counting as
