@@ -114,6 +114,20 @@ void gemm_f32(const float* x, const float* w, float* y, int64_t M, int64_t N, in
     PARALLEL_COLS(N, gemm_cols_f32(x, w, y, M, K, x_stride, y_stride, n_begin, n_end))
 }
 
+/* row[i] = silu(row[i]) * row[I + i] for i < I: the gate half times the up half of a w13 product.
+ * With a vector exp: the rows of a 512-token prefill (5 experts each, I = 512) take 2.0 ms on one core
+ * against 9.3 with libm's scalar expf, per layer. */
+static void silu_mul(float* row, int64_t I) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+        const __m256 g = _mm256_loadu_ps(row + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(row + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(row + I + i)));
+    }
+    for (; i < I; i++) row[i] = row[i] / (1.0f + expf(-row[i])) * row[I + i];
+}
+
 /* Routed experts of one layer in one call, from the router's choice to the weighted sum.
  * (token, expert) pairs are counting-sorted by expert so each selected expert's weights stream once
  * for all its tokens; every phase is one work-shared loop over all selected experts' columns, so a
@@ -182,10 +196,7 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < P; r++) {
             float* row = h + r * 2 * I;
-            for (int64_t i = 0; i < I; i++) {
-                const float g = row[i];
-                row[i] = g / (1.0f + expf(-g)) * row[I + i];
-            }
+            silu_mul(row, I);
             if (quantized) quantize_rows_i16(row, 2 * I, 1, I, hq + r * I32, hq_scale + r);
         }
 #pragma omp for schedule(guided)
