@@ -108,9 +108,10 @@ def test_mla_prefill_grouped(platform, num_q, length):
         torch.testing.assert_close(got[i], one, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 37])
+@pytest.mark.parametrize("tokens", [1, 7, 37, 200])
 def test_moe_experts(platform, tokens):
-    """fp32 experts against the formula; token counts cover one token, tile tails and full tiles."""
+    """fp32 experts against the formula; token counts cover one token, tile tails, full tiles and
+    experts with more rows than a native kernel's row block (64)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(tokens, 16, generator=g)
     w13 = torch.randn(5, 2 * 8, 16, generator=g) * 0.3
@@ -184,12 +185,13 @@ def assert_int8_close(got: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale
 
 @pytest.mark.parametrize("rows,k", [(1, 24), (5, 27), (11, 64), (40, 33), (6, 2112)])
 def test_int8_linear(platform, rows, k):
-    """Odd widths and row counts cover the vector tails and the row tiling of native kernels; 2,112
-    columns, integer sums past 2,048 products (where an int32 sum of int16 x int8 could overflow)."""
+    """Odd widths and row and output counts cover the vector tails and the tiling of native kernels;
+    2,112 columns, integer sums past 2,048 products (where an int32 sum of int16 x int8 could
+    overflow)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(rows, k, generator=g)
-    q = torch.randint(-127, 128, (12, k), generator=g, dtype=torch.int8)
-    scale = torch.rand(12, generator=g) * 0.01
+    q = torch.randint(-127, 128, (13, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(13, generator=g) * 0.01
     assert_int8_close(platform.int8_linear(x, q, scale), x, q, scale)
     # a strided view of the activations, as a split of a wider projection produces
     wide = torch.randn(rows, 2 * k, generator=g)
@@ -197,7 +199,7 @@ def test_int8_linear(platform, rows, k):
     # the largest magnitudes int8 and int16 hold, in every product
     extreme = torch.full((rows, k), 3.0)
     extreme[:, 1::2] = -3.0
-    full = torch.full((12, k), 127, dtype=torch.int8)
+    full = torch.full((13, k), 127, dtype=torch.int8)
     full[:, 1::2] = -127
     assert_int8_close(platform.int8_linear(extreme, full, scale), extreme, full, scale)
 
@@ -237,7 +239,7 @@ def round_rows_int16(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.where(amax > 0, grid, 0.0), x[..., whole:]], dim=-1)
 
 
-@pytest.mark.parametrize("tokens", [1, 6, 37])
+@pytest.mark.parametrize("tokens", [1, 6, 37, 150])
 @pytest.mark.parametrize("hidden,inter", [(24, 10), (72, 40)])
 def test_int8_moe_experts(platform, tokens, hidden, inter):
     """Quantized experts on the platform match the reference ops on the same int8 weights, with
