@@ -1,0 +1,12 @@
+/* The panel product of gemm_packed.c that the grouped fp32 experts (gemm.c) use for many rows. */
+#ifndef ZIZHU_GEMM_PACKED_H
+#define ZIZHU_GEMM_PACKED_H
+#include <stdint.h>
+
+#define PANEL 16
+
+/* Output columns [n0, n1) (n1 - n0 <= PANEL) of y = x @ w^T for M rows of row-major w[N, K], through
+ * `panel`, scratch of PANEL x K floats. */
+void gemm_cols_f32_panel(const float* x, int64_t xs, const float* w, int64_t K, float* y, int64_t ys, int64_t M,
+                         int64_t n0, int64_t n1, float* panel);
+#endif
