@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from zizhu.config import ModelConfig
+from zizhu.host_memory import release_freed_memory
 from zizhu.layers.quant import check_method, quantize_model
 from zizhu.loader.checkpoint import iter_weights
 from zizhu.loader.resolve import resolve_model_path
@@ -49,25 +47,6 @@ def load_model(
     model.eval()
     logger.info("loaded %s in %.1fs", model_dir, time.perf_counter() - start)
     return model
-
-
-@lru_cache(maxsize=1)
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give the pages of freed tensors back to the OS. glibc keeps freed heap memory for reuse, and
-    loading frees a layer's worth of full-precision weights at every step (conversions, fused and
-    quantized copies): loading the small benchmark model with int8 quantization grew RSS by about
-    twice the int8 size of each layer, 1.3 to 2.5 GB over its 12 layers, without this."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 __all__ = ["load_model", "resolve_model_path"]

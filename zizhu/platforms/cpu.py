@@ -8,40 +8,13 @@ import weakref
 import torch
 
 from zizhu import ops
+from zizhu.host_memory import keep_freed_memory
 from zizhu.platforms import cpu_kernels
 from zizhu.platforms.base import Platform
 
 
 # Far beyond any cache: the fp32 lm_head of a 129,280-token vocabulary is 132 MB at hidden 256.
 LARGE_WEIGHT_BYTES = 64 << 20
-
-
-# glibc's mallopt parameters, and the block size up to which freed memory stays in the heap
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-HEAP_BLOCK_LIMIT = 1 << 30
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed blocks for the next step rather than hand them back to the OS.
-
-    By default glibc serves each block above 32 MB (the logits of a many-sequence step, a prefill's
-    activations and expert scratch) from a fresh mmap and unmaps it when freed, and trims the heap
-    as it shrinks, so every step pays a page fault for each 4 KB it writes: here, allocating and
-    filling 42 MB ten times took 224-241 ms with 107,000 faults, and 26 ms once the blocks stayed in
-    the heap. With both thresholds raised, freed blocks are reused, as a caching allocator would
-    reuse them; memory stays at a step's high-water mark. Set ZIZHU_CPU_MALLOC_DEFAULTS=1 to keep
-    glibc's behaviour. Nothing changes under another C library."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT)
-        mallopt(_M_TRIM_THRESHOLD, HEAP_BLOCK_LIMIT)
 
 
 class CpuPlatform(Platform):

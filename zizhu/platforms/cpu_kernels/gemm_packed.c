@@ -27,6 +27,12 @@
  * the panel, so a prefill's thousands of rows are not re-read from memory for every panel. */
 #define ROW_BLOCK_BYTES (256 << 10)
 
+/* panel[k][j] = w[j][k] for the first `rows` (at most PANEL) rows of a row-major w, zero beyond. */
+static void transpose_panel(const float* w, int64_t K, int64_t rows, float* panel) {
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t j = 0; j < PANEL; j++) panel[k * PANEL + j] = j < rows ? w[j * K + k] : 0.0f;
+}
+
 void pack_f32_panels(float* w, float* tail, int64_t N, int64_t K, int threads) {
     const int64_t full = N / PANEL;
 #pragma omp parallel num_threads(threads)
@@ -41,9 +47,7 @@ void pack_f32_panels(float* w, float* tail, int64_t N, int64_t K, int threads) {
         }
         free(slab);
     }
-    for (int64_t k = 0; k < K; k++)
-        for (int64_t j = 0; j < PANEL; j++)
-            tail[k * PANEL + j] = full * PANEL + j < N ? w[(full * PANEL + j) * K + k] : 0.0f;
+    transpose_panel(w + full * PANEL * K, K, N - full * PANEL, tail);
 }
 
 /* `rows` (1..TILE_ROWS) rows of x against one panel; `cols` (1..16) valid output columns. */
@@ -69,6 +73,23 @@ static inline __attribute__((always_inline)) void tile(const float* x, int64_t x
     }
 }
 
+/* M rows of x against one panel: tiles of TILE_ROWS rows, then one tile of the rows left. */
+static void panel_rows(const float* x, int64_t xs, const float* panel, int64_t K, float* y, int64_t ys, int64_t M,
+                       int64_t cols) {
+    int64_t m = 0;
+    for (; m + TILE_ROWS <= M; m += TILE_ROWS) tile(x + m * xs, xs, panel, K, y + m * ys, ys, TILE_ROWS, cols);
+    const float* xr = x + m * xs;
+    float* yr = y + m * ys;
+    switch (M - m) {
+        case 5: tile(xr, xs, panel, K, yr, ys, 5, cols); break;
+        case 4: tile(xr, xs, panel, K, yr, ys, 4, cols); break;
+        case 3: tile(xr, xs, panel, K, yr, ys, 3, cols); break;
+        case 2: tile(xr, xs, panel, K, yr, ys, 2, cols); break;
+        case 1: tile(xr, xs, panel, K, yr, ys, 1, cols); break;
+        default: break;
+    }
+}
+
 /* Each thread takes whole panels; within a panel every tile of rows reuses it from L1 (or L2). */
 void gemm_f32_packed(const float* x, const float* wp, const float* tail, float* y, int64_t M, int64_t N, int64_t K,
                      int64_t x_stride, int64_t y_stride, int threads) {
@@ -82,23 +103,10 @@ void gemm_f32_packed(const float* x, const float* wp, const float* tail, float* 
         for (int64_t p = 0; p < panels; p++) {
             const float* panel = p < N / PANEL ? wp + p * K * PANEL : tail;
             const int64_t n0 = p * PANEL, cols = N - n0 < PANEL ? N - n0 : PANEL;
-            int64_t m = mb;
-            for (; m + TILE_ROWS <= me; m += TILE_ROWS)
-                tile(x + m * x_stride, x_stride, panel, K, y + m * y_stride + n0, y_stride, TILE_ROWS, cols);
-            const float* xr = x + m * x_stride;
-            float* yr = y + m * y_stride + n0;
-            switch (me - m) {
-                case 5: tile(xr, x_stride, panel, K, yr, y_stride, 5, cols); break;
-                case 4: tile(xr, x_stride, panel, K, yr, y_stride, 4, cols); break;
-                case 3: tile(xr, x_stride, panel, K, yr, y_stride, 3, cols); break;
-                case 2: tile(xr, x_stride, panel, K, yr, y_stride, 2, cols); break;
-                case 1: tile(xr, x_stride, panel, K, yr, y_stride, 1, cols); break;
-                default: break;
-            }
+            panel_rows(x + mb * x_stride, x_stride, panel, K, y + mb * y_stride + n0, y_stride, me - mb, cols);
         }
     }
 }
-
 
 /* Output columns [n0, n1) (at most 16) of y = x @ w^T for M rows of a row-major w: the columns are
  * first transposed into `panel` (16 x K floats), then multiplied as above. The grouped fp32 experts
@@ -106,19 +114,6 @@ void gemm_f32_packed(const float* x, const float* wp, const float* tail, float* 
  * at 2,048 tokens, each FMA paying a load of x. */
 void gemm_cols_f32_panel(const float* x, int64_t xs, const float* w, int64_t K, float* y, int64_t ys, int64_t M,
                          int64_t n0, int64_t n1, float* panel) {
-    const int64_t cols = n1 - n0;
-    for (int64_t k = 0; k < K; k++)
-        for (int64_t j = 0; j < PANEL; j++) panel[k * PANEL + j] = j < cols ? w[(n0 + j) * K + k] : 0.0f;
-    int64_t m = 0;
-    for (; m + TILE_ROWS <= M; m += TILE_ROWS) tile(x + m * xs, xs, panel, K, y + m * ys + n0, ys, TILE_ROWS, cols);
-    const float* xr = x + m * xs;
-    float* yr = y + m * ys + n0;
-    switch (M - m) {
-        case 5: tile(xr, xs, panel, K, yr, ys, 5, cols); break;
-        case 4: tile(xr, xs, panel, K, yr, ys, 4, cols); break;
-        case 3: tile(xr, xs, panel, K, yr, ys, 3, cols); break;
-        case 2: tile(xr, xs, panel, K, yr, ys, 2, cols); break;
-        case 1: tile(xr, xs, panel, K, yr, ys, 1, cols); break;
-        default: break;
-    }
+    transpose_panel(w + n0 * K, K, n1 - n0, panel);
+    panel_rows(x, xs, panel, K, y + n0, ys, M, n1 - n0);
 }
