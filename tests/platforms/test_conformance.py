@@ -382,14 +382,8 @@ def test_argmax(platform, rows, vocab):
     assert int(got[0]) == int(top[0])
 
 
-@pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.parametrize("narrow", [False, True])
-def test_mla_decode_layer(platform, batch, narrow):
-    """A whole int8 MLA decode layer in the platform's own form equals the hooks applied in turn
-    (Platform.mla_decode_layer's composition, on this platform's hooks): the output and the latent
-    written to the cache."""
-    g = torch.Generator().manual_seed(21)
-    hidden, heads, nope, rope, v, rank, q_lora, bs = 96, 4, 16, 8, 16, 32, 40, 4
+def _mla_decode_bundle(g, platform, narrow, hidden=96, heads=4, nope=16, rope=8, v=16, rank=32, q_lora=40):
+    """A random int8 MLADecodeLayer on the platform's device."""
     w = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
     (q_kv_a, s_kv), (q_b, s_b), (o, s_o) = (
         quantize_int8_rows(w(q_lora + rank + rope, hidden)), quantize_int8_rows(w(heads * (nope + rope), q_lora)),
@@ -403,15 +397,36 @@ def test_mla_decode_layer(platform, batch, narrow):
         norm(hidden), 1e-6, q_kv_a, s_kv, norm(q_lora), 1e-6, q_b, s_b, norm(rank), 1e-6, w_uk, w_uv, o, s_o,
         heads, nope, rope, v, 0.3,
     )
-    h = torch.randn(batch, hidden, generator=g)
-    cache = torch.randn(12, bs, rank + rope, generator=g)
-    tables = torch.stack([torch.randperm(12, generator=g)[:3] for _ in range(batch)])
+    return _on_device(layer, platform.device)
+
+
+def _on_device(bundle, dev):
+    tensors = {f.name: getattr(bundle, f.name).to(dev) for f in dataclasses.fields(bundle) if isinstance(getattr(bundle, f.name), torch.Tensor)}
+    return dataclasses.replace(bundle, **tensors)
+
+
+def _decode_batch(g, batch, bs, blocks, width, rope):
+    """A paged cache and the tables, lengths, slots and rope angles of one decode step."""
+    cache = torch.randn(blocks, bs, width, generator=g)
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:3] for _ in range(batch)])
     seq_lens = torch.randint(1, 3 * bs + 1, (batch,), generator=g)
     slots = torch.stack([tables[b, (seq_lens[b] - 1) // bs] * bs + (seq_lens[b] - 1) % bs for b in range(batch)])
     angles = torch.rand(batch, rope // 2, generator=g) * 6
+    return cache, tables, seq_lens, slots, angles
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_mla_decode_layer(platform, batch, narrow):
+    """A whole int8 MLA decode layer in the platform's own form equals the hooks applied in turn
+    (Platform.mla_decode_layer's composition, on this platform's hooks): the output and the latent
+    written to the cache."""
+    g = torch.Generator().manual_seed(21)
+    hidden, rope, rank, bs = 96, 8, 32, 4
+    layer = _mla_decode_bundle(g, platform, narrow)
+    h = torch.randn(batch, hidden, generator=g)
+    cache, tables, seq_lens, slots, angles = _decode_batch(g, batch, bs, 12, rank + rope, rope)
     dev = platform.device
-    tensors = {f.name: getattr(layer, f.name).to(dev) for f in dataclasses.fields(layer) if isinstance(getattr(layer, f.name), torch.Tensor)}
-    layer = dataclasses.replace(layer, **tensors)
     h, cache, tables, seq_lens, slots = (t.to(dev) for t in (h, cache, tables, seq_lens, slots))
     args = (angles.cos().to(dev), angles.sin().to(dev), False)
     fused_cache, composed_cache = cache.clone(), cache.clone()
@@ -420,3 +435,48 @@ def test_mla_decode_layer(platform, batch, narrow):
     torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused_cache.cpu(), composed_cache.cpu(), atol=1e-6, rtol=1e-6)
     assert not torch.equal(fused_cache, cache)  # the new tokens' latents were written
+
+
+def _moe_block(g, hidden, routing, routed, shared, int8, inter=24):
+    """A random feed-forward bundle: `routed` experts behind a router (none: a dense MLP) and
+    `shared` always-chosen ones."""
+    w13 = torch.randn(routed + shared, 2 * inter, hidden, generator=g) * 0.2
+    w2 = torch.randn(routed + shared, hidden, inter, generator=g) * 0.2
+    s13 = s2 = None
+    if int8:
+        (w13, s13), (w2, s2) = quantize_int8_rows(w13), quantize_int8_rows(w2)
+    router = torch.randn(routed, hidden, generator=g) * 0.3 if routed else None
+    bias = torch.randn(routed, generator=g) * 0.1 if routing is not None and routing.method == "noaux_tc" else None
+    return ops.MoEBlock(torch.rand(hidden, generator=g) + 0.5, 1e-6, router, bias, routing, shared, w13, w2, s13, s2)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_decode_layers(platform, batch):
+    """A decode step's whole stack of layers in the platform's own form equals its layer hooks in
+    turn (Platform.decode_layers' composition): a dense MLP layer, a routed one with shared experts
+    and narrow absorbed weights, and one with full-precision experts; outputs and every latent
+    written."""
+    g = torch.Generator().manual_seed(23)
+    hidden, rope, rank, bs = 96, 8, 32, 4
+    blocks = [
+        _moe_block(g, hidden, None, 0, 1, int8=True),
+        _moe_block(g, hidden, ROUTINGS[2], 8, 2, int8=True),
+        _moe_block(g, hidden, ROUTINGS[0], 8, 0, int8=False),
+    ]
+    dev = platform.device
+    stack = ops.DecodeStack(tuple(
+        ops.DecodeLayer(_mla_decode_bundle(g, platform, narrow=i == 1), _on_device(block, dev)) for i, block in enumerate(blocks)
+    ))
+    h = torch.randn(batch, hidden, generator=g).to(dev)
+    cache, tables, seq_lens, slots, angles = _decode_batch(g, batch, bs, 12, rank + rope, rope)
+    caches = [cache.to(dev)] + [torch.randn(cache.shape, generator=g).to(dev) for _ in blocks[1:]]
+    tables, seq_lens, slots = tables.to(dev), seq_lens.to(dev), slots.to(dev)
+    args = (angles.cos().to(dev), angles.sin().to(dev), False)
+    fused, composed = [c.clone() for c in caches], [c.clone() for c in caches]
+    got = platform.decode_layers(h, stack, *args, fused, slots, tables, seq_lens)
+    want = Platform.decode_layers(platform, h, stack, *args, composed, slots, tables, seq_lens)
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    for a, b, before in zip(fused, composed, caches):
+        torch.testing.assert_close(a.cpu(), b.cpu(), atol=1e-6, rtol=1e-6)
+        assert not torch.equal(a, before)
+    assert not torch.allclose(got, h)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zizhu import ops
 from zizhu.config import ModelConfig
 from zizhu.layers.linear import Linear
 from zizhu.layers.norm import RMSNorm
@@ -23,6 +24,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def decode_block(self, norm: RMSNorm) -> ops.MoEBlock | None:
+        """Three projections, not one platform call (Int8MLP is one)."""
+        return None
 
 
 class Router(nn.Module):
@@ -101,6 +106,16 @@ class MoE(nn.Module):
         h = x if norm is None else norm(x)
         out = self._experts(h, None, False) + self.shared_experts(h)
         return x + out if add_input else out
+
+    def decode_block(self, norm: RMSNorm) -> ops.MoEBlock | None:
+        """This block for `Platform.decode_layers`, behind `norm`: the shared experts folded, or none."""
+        if self.shared_experts is not None:
+            return None
+        experts, gate = self.experts, self.gate
+        return ops.MoEBlock(
+            norm.weight, norm.eps, gate.weight, gate.e_score_correction_bias, gate.routing, self.num_shared,
+            experts.w13, experts.w2, getattr(experts, "w13_scale", None), getattr(experts, "w2_scale", None),
+        )
 
     def _experts(self, x: torch.Tensor, norm: RMSNorm | None, add_input: bool) -> torch.Tensor:
         experts, gate = self.experts, self.gate

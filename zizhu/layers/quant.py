@@ -12,6 +12,7 @@ import logging
 import torch
 from torch import nn
 
+from zizhu import ops
 from zizhu.layers.linear import prepare_weight
 from zizhu.layers.moe import MLP, Experts
 
@@ -84,6 +85,10 @@ class Int8MLP(nn.Module):
         ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)
         weights = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
         return self.platform.moe_experts(x, ids, weights, self.w13, self.w2, self.w13_scale, self.w2_scale)
+
+    def decode_block(self, norm) -> ops.MoEBlock:
+        """This MLP behind `norm`, for `Platform.decode_layers`: one shared expert, no router."""
+        return ops.MoEBlock(norm.weight, norm.eps, None, None, None, 1, self.w13, self.w2, self.w13_scale, self.w2_scale)
 
 
 def quantize_experts(experts: Experts) -> None:

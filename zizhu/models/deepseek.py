@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from zizhu import ops
 from zizhu.config import ModelConfig
 from zizhu.errors import CheckpointError
 from zizhu.layers.batch import AttentionBatch
@@ -44,13 +45,21 @@ class DecoderLayer(nn.Module):
             return self.mlp(h, norm=self.post_attention_layernorm, add_input=True)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def decode_bundle(self) -> ops.DecodeLayer | None:
+        """What a decode-only step reads of this layer, for `Platform.decode_layers`; None when the
+        attention has no decode bundle (see MLAttention.prepare_decode_layer) or the feed-forward
+        block is not one platform call (a full-precision dense MLP, unfolded shared experts)."""
+        attention = self.self_attn.decode_layer
+        ffn = self.mlp.decode_block(self.post_attention_layernorm)
+        return None if attention is None or ffn is None else ops.DecodeLayer(attention, ffn)
+
 
 class DeepseekModel(nn.Module):
     def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
+        self.rotary = rotary = RotaryEmbedding(cfg.rope, cfg.qk_rope_head_dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, platform, dtype, rotary) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, platform, dtype)
 
@@ -61,14 +70,24 @@ class DeepseekForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = DeepseekModel(cfg, platform, dtype)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, platform)
+        self.platform = platform
+        self.decode_stack: ops.DecodeStack | None = None  # prepare_weights
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor]
     ) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm for the flattened batch of new tokens."""
         h = self.model.embed_tokens(input_ids)
-        for layer, cache in zip(self.model.layers, kv_caches):
-            h = layer(h, positions, batch, cache)
+        if self.decode_stack is not None and batch.num_decodes == input_ids.shape[0]:
+            rotary = self.model.rotary
+            cos, sin = rotary.cos_sin(positions, h.dtype)
+            h = self.platform.decode_layers(
+                h, self.decode_stack, cos, sin, rotary.interleaved, kv_caches, batch.slot_mapping, batch.block_tables,
+                batch.seq_lens,
+            )
+        else:
+            for layer, cache in zip(self.model.layers, kv_caches):
+                h = layer(h, positions, batch, cache)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -77,11 +96,15 @@ class DeepseekForCausalLM(nn.Module):
     def prepare_weights(self) -> None:
         """After loading (and quantizing): let the platform lay out the weights that only the
         forward pass reads: the vocabulary head (full precision or int8), the largest one, unless
-        the embedding shares it; and the int8 MLA layers' decode bundles (MLADecodeLayer)."""
+        the embedding shares it; and the int8 MLA layers' decode bundles (MLADecodeLayer), and with
+        one for every layer, the whole stack's (DecodeStack), so a decode-only step runs all its
+        layers as one platform call."""
         if not self.cfg.tie_word_embeddings:
             self.lm_head.prepare()
         for layer in self.model.layers:
             layer.self_attn.prepare_decode_layer(layer.input_layernorm)
+        bundles = [layer.decode_bundle() for layer in self.model.layers]
+        self.decode_stack = ops.DecodeStack(tuple(bundles)) if bundles and all(bundles) else None
 
     # ------------------------------------------------------------------ loading
     def load_weights(

@@ -161,6 +161,42 @@ class CpuPlatform(Platform):
             return cpu_kernels.mla_decode_layer(lib, h, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens)
         return super().mla_decode_layer(h, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens)
 
+    def decode_layers(self, h, stack, cos, sin, interleaved, caches, slot_mapping, block_tables, seq_lens):
+        lib = cpu_kernels.load()
+        table = self._native_stack(lib, stack) if lib is not None else None
+        f32 = torch.float32
+        if (
+            table is not None
+            and h.dtype == cos.dtype == sin.dtype == f32 and h.dim() == 2 and h.is_contiguous()
+            and all(c.dtype == f32 and c.is_contiguous() for c in caches)
+            and slot_mapping.dtype == block_tables.dtype == seq_lens.dtype == torch.int64
+        ):
+            return cpu_kernels.decode_stack(lib, h, table, cos, sin, interleaved, caches, slot_mapping, block_tables, seq_lens)
+        return super().decode_layers(h, stack, cos, sin, interleaved, caches, slot_mapping, block_tables, seq_lens)
+
+    # DecodeStack -> decode_stack.c's argument table, or None where a layer is not one it runs: built
+    # on a stack's first step (its tensors never move), so a step passes one pointer for all layers.
+    _native_stacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _native_stack(self, lib, stack):
+        if stack not in self._native_stacks:
+            native = all(
+                self._native_layer(layer.attention) and self._native_block(lib, layer.ffn) for layer in stack.layers
+            )
+            self._native_stacks[stack] = cpu_kernels.decode_stack_table(stack) if native and stack.layers else None
+        return self._native_stacks[stack]
+
+    def _native_block(self, lib, block) -> bool:
+        f32 = torch.float32
+        routed = block.router is None or self._native_routing(lib, block.norm, block.router, block.bias, block.routing)
+        return (
+            routed
+            and (block.router is not None or block.num_shared > 0)
+            and self._native_experts(lib, block.norm, block.w13, block.w2, block.w13_scale, block.w2_scale)
+            and block.norm.dtype == f32 and block.norm.is_contiguous()
+            and (block.w13_scale is None or (block.w13_scale.is_contiguous() and block.w2_scale.is_contiguous()))
+        )
+
     # MLADecodeLayer -> whether mla_layer.c reads it: a bundle's tensors are fixed once it is built, so
     # each is checked on its first step, not on every step of every layer.
     _native_layers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -23,7 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "gemm.c", "gemm_int8.c", "gemm_packed.c", "mla_decode.c", "mla_latent.c", "mla_layer.c", "moe_route.c", "rms_norm.c")]
+SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "decode_stack.c", "gemm.c", "gemm_int8.c", "gemm_packed.c", "mla_decode.c", "mla_latent.c", "mla_layer.c", "moe_route.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -92,6 +92,11 @@ def load() -> ctypes.CDLL | None:
         + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 2
         + [ctypes.c_int64] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3
         + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    )
+    lib.decode_stack_f32.restype = None
+    lib.decode_stack_f32.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
+        + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     )
     lib.argmax_rows_f32.restype = None
     lib.argmax_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
@@ -321,4 +326,66 @@ def argmax_rows(lib: ctypes.CDLL, logits: torch.Tensor) -> torch.Tensor:
     rows, cols = logits.shape
     out = torch.empty(rows, dtype=torch.int64)
     lib.argmax_rows_f32(logits.data_ptr(), logits.stride(0), rows, cols, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+class DecodeLayerArgs(ctypes.Structure):
+    """decode_stack.c's DecodeLayer: the same fields, in the same order and C types."""
+
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p), ("input_eps", ctypes.c_float),
+        ("q_kv_a", ctypes.c_void_p), ("q_kv_a_scale", ctypes.c_void_p), ("q_lora", ctypes.c_int64),
+        ("q_a_norm", ctypes.c_void_p), ("q_a_eps", ctypes.c_float),
+        ("q_b", ctypes.c_void_p), ("q_b_scale", ctypes.c_void_p),
+        ("kv_a_norm", ctypes.c_void_p), ("kv_a_eps", ctypes.c_float),
+        ("w_uk", ctypes.c_void_p), ("w_uv", ctypes.c_void_p), ("w_bf16", ctypes.c_int),
+        ("o", ctypes.c_void_p), ("o_scale", ctypes.c_void_p),
+        ("heads", ctypes.c_int64), ("nope", ctypes.c_int64), ("rope", ctypes.c_int64), ("v_dim", ctypes.c_int64),
+        ("rank", ctypes.c_int64), ("scale", ctypes.c_float),
+        ("ffn_norm", ctypes.c_void_p), ("ffn_eps", ctypes.c_float),
+        ("router", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("experts", ctypes.c_int64),
+        ("scoring", ctypes.c_int), ("method", ctypes.c_int),
+        ("n_group", ctypes.c_int64), ("topk_group", ctypes.c_int64), ("top_k", ctypes.c_int64),
+        ("norm_topk", ctypes.c_int), ("scaling", ctypes.c_float), ("shared", ctypes.c_int64),
+        ("w13", ctypes.c_void_p), ("s13", ctypes.c_void_p), ("w2", ctypes.c_void_p), ("s2", ctypes.c_void_p),
+        ("inter", ctypes.c_int64),
+    ]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def decode_stack_table(stack) -> ctypes.Array:
+    """The per-layer arguments of decode_stack_f32 for an `ops.DecodeStack`, built once: they point
+    into the model's weights, which stay where they are."""
+    rows = []
+    for layer in stack.layers:
+        a, f = layer.attention, layer.ffn
+        r = f.routing
+        rows.append(DecodeLayerArgs(
+            _ptr(a.input_norm), a.input_eps, _ptr(a.q_kv_a), _ptr(a.q_kv_a_scale), a.q_lora_rank,
+            _ptr(a.q_a_norm), a.q_a_eps, _ptr(a.q_b), _ptr(a.q_b_scale), _ptr(a.kv_a_norm), a.kv_a_eps,
+            _ptr(a.w_uk), _ptr(a.w_uv), int(a.w_uk.dtype == torch.bfloat16), _ptr(a.o), _ptr(a.o_scale),
+            a.num_heads, a.nope_dim, a.rope_dim, a.v_dim, a.kv_a_norm.shape[0], a.scale,
+            _ptr(f.norm), f.eps, _ptr(f.router), _ptr(f.bias), 0 if f.router is None else f.router.shape[0],
+            SCORING[r.scoring] if r else 0, METHODS[r.method] if r else 0, r.n_group if r else 1,
+            r.topk_group if r else 1, r.top_k if r else 0, int(r.norm_topk_prob) if r else 0, r.scaling if r else 1.0,
+            f.num_shared, _ptr(f.w13), _ptr(f.w13_scale), _ptr(f.w2), _ptr(f.w2_scale), f.w13.shape[1] // 2,
+        ))
+    return (DecodeLayerArgs * len(rows))(*rows)
+
+
+def decode_stack(lib: ctypes.CDLL, h: torch.Tensor, table: ctypes.Array, cos, sin, interleaved, caches, slot_mapping, block_tables, seq_lens) -> torch.Tensor:
+    """`Platform.decode_layers` in one native call (decode_stack.c): `h [B, D]` contiguous fp32."""
+    tokens, hidden = h.shape
+    cos, sin, slots = cos.contiguous(), sin.contiguous(), slot_mapping.contiguous()
+    tables, lens = block_tables.contiguous(), seq_lens.contiguous()
+    cache_ptrs = (ctypes.c_void_p * len(caches))(*[c.data_ptr() for c in caches])
+    out = torch.empty_like(h)
+    lib.decode_stack_f32(
+        table, len(table), h.data_ptr(), out.data_ptr(), tokens, hidden, cos.data_ptr(), sin.data_ptr(), int(interleaved),
+        cache_ptrs, slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), caches[0].shape[1],
+        torch.get_num_threads(),
+    )
     return out

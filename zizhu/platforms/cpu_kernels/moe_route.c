@@ -106,8 +106,9 @@ void moe_routed_f32(const float* x, float* out, int64_t T, int64_t D, const floa
         for (int64_t t = 0; t < T; t++) rms_norm_row(x + t * D, norm_weight, normed + t * D, D, eps);
         in = normed;
     }
-    moe_route_f32(in, D, router, bias, T, D, E, scoring, method, n_group, topk_group, K, norm, scaling, logits,
-                  routed_ids, routed_weights, threads);
+    if (E > 0)  /* E = 0 (and K = 0): no router, a dense MLP as S always-chosen experts */
+        moe_route_f32(in, D, router, bias, T, D, E, scoring, method, n_group, topk_group, K, norm, scaling, logits,
+                      routed_ids, routed_weights, threads);
     for (int64_t t = 0; t < T; t++) {
         for (int64_t k = 0; k < K; k++) {
             ids[t * (K + S) + k] = routed_ids[t * K + k];
