@@ -181,6 +181,9 @@ static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const 
     const int64_t nh = h1 - h0;
     for (int64_t j = 0; j < len; j++) {
         const float* row = rows[j];
+        /* the row after next, ahead of use: rows sit in scattered blocks, out of the prefetchers' sight */
+        if (j + 2 < len)
+            for (int64_t b = 0; b < (R + P) * (int64_t)sizeof(float); b += 64) _mm_prefetch((const char*)rows[j + 2] + b, _MM_HINT_T0);
         int64_t h = h0;
         for (; h + 4 <= h1; h += 4) {
             float lat[4], pe[4];
