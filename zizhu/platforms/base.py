@@ -52,6 +52,11 @@ class Platform:
     def configure(self) -> None:
         """Process-wide settings (threads, allocator) applied once before the model loads."""
 
+    def place_weights(self, model: torch.nn.Module) -> None:
+        """Called once the weights are final (loaded, quantized, prepared), before the first step:
+        a platform may move or advise their memory (pin it, back it with large pages), in place,
+        for it must not change where a tensor's data lives. Default: nothing."""
+
     def synchronize(self) -> None:
         """Wait for queued device work; a no-op for synchronous devices."""
 
