@@ -199,6 +199,8 @@ class CpuPlatform(Platform):
         return self._native_stacks[stack]
 
     def _native_block(self, lib, block) -> bool:
+        """Whether moe_routed_f32 runs this feed-forward bundle. The activations' dtype is checked
+        per step (decode_layers); here the fp32 norm weight stands in for them."""
         f32 = torch.float32
         routed = block.router is None or self._native_routing(lib, block.norm, block.router, block.bias, block.routing)
         return (
