@@ -10,7 +10,7 @@ import weakref
 import torch
 
 from zizhu import ops
-from zizhu.host_memory import HUGE_PAGE, back_with_huge_pages, keep_freed_memory
+from zizhu.host_memory import back_with_huge_pages, keep_freed_memory
 from zizhu.platforms import cpu_kernels
 from zizhu.platforms.base import Platform
 
@@ -55,7 +55,7 @@ class CpuPlatform(Platform):
         if os.environ.get("ZIZHU_CPU_HUGE_PAGES", "1") == "0":
             return
         start = time.perf_counter()
-        tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.numel() * t.element_size() >= HUGE_PAGE}
+        tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # shared storage once
         moved = back_with_huge_pages(tensors.values())
         logger.info("weights on 2 MB pages: %.2f GB in %.1fs", moved / 1e9, time.perf_counter() - start)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from zizhu.ops.moe import Routing
+
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
@@ -356,21 +358,24 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+# what a block without a router (a dense MLP) passes for routing: no routed experts
+_NO_ROUTING = Routing(top_k=0)
+
+
 def decode_stack_table(stack) -> ctypes.Array:
     """The per-layer arguments of decode_stack_f32 for an `ops.DecodeStack`, built once: they point
     into the model's weights, which stay where they are."""
     rows = []
     for layer in stack.layers:
         a, f = layer.attention, layer.ffn
-        r = f.routing
+        r = f.routing or _NO_ROUTING
         rows.append(DecodeLayerArgs(
             _ptr(a.input_norm), a.input_eps, _ptr(a.q_kv_a), _ptr(a.q_kv_a_scale), a.q_lora_rank,
             _ptr(a.q_a_norm), a.q_a_eps, _ptr(a.q_b), _ptr(a.q_b_scale), _ptr(a.kv_a_norm), a.kv_a_eps,
             _ptr(a.w_uk), _ptr(a.w_uv), int(a.w_uk.dtype == torch.bfloat16), _ptr(a.o), _ptr(a.o_scale),
             a.num_heads, a.nope_dim, a.rope_dim, a.v_dim, a.kv_a_norm.shape[0], a.scale,
             _ptr(f.norm), f.eps, _ptr(f.router), _ptr(f.bias), 0 if f.router is None else f.router.shape[0],
-            SCORING[r.scoring] if r else 0, METHODS[r.method] if r else 0, r.n_group if r else 1,
-            r.topk_group if r else 1, r.top_k if r else 0, int(r.norm_topk_prob) if r else 0, r.scaling if r else 1.0,
+            SCORING[r.scoring], METHODS[r.method], r.n_group, r.topk_group, r.top_k, int(r.norm_topk_prob), r.scaling,
             f.num_shared, _ptr(f.w13), _ptr(f.w13_scale), _ptr(f.w2), _ptr(f.w2_scale), f.w13.shape[1] // 2,
         ))
     return (DecodeLayerArgs * len(rows))(*rows)

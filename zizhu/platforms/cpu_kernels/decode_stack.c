@@ -5,7 +5,7 @@
  * layer by layer (module calls, argument checks, tensor allocation, two ctypes calls per layer)
  * another 2-4 ms: more the colder the caches the weight streams leave behind. The per-layer
  * arguments are fixed once the model is loaded, so the platform builds this table once
- * (cpu_kernels.DecodeStackTable) and each step passes only what changes: the hidden rows, the
+ * (cpu_kernels.decode_stack_table) and each step passes only what changes: the hidden rows, the
  * positions' cos / sin and the paged cache's tables. */
 #include <stdint.h>
 #include <stdlib.h>

@@ -183,7 +183,7 @@ static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const 
         const float* row = rows[j];
         /* the row after next, ahead of use: rows sit in scattered blocks, out of the prefetchers' sight */
         if (j + 2 < len)
-            for (int64_t b = 0; b < (R + P) * (int64_t)sizeof(float); b += 64) _mm_prefetch((const char*)rows[j + 2] + b, _MM_HINT_T0);
+            for (int64_t at = 0; at < (R + P) * (int64_t)sizeof(float); at += 64) _mm_prefetch((const char*)rows[j + 2] + at, _MM_HINT_T0);
         int64_t h = h0;
         for (; h + 4 <= h1; h += 4) {
             float lat[4], pe[4];
@@ -211,13 +211,13 @@ static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const 
         }
 }
 
-void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H, Dn], last dim dense */
-                    const float* q_pe, int64_t qp_sb, int64_t qp_sh,    /* [B, H, P], last dim dense */
-                    const void* w_uk, const void* w_uv, int w_bf16,    /* [H, Dn, R], [H, Dv, R]: fp32 or bf16 */
-                    const float* cache, const int64_t* tables, int64_t table_stride, const int64_t* seq_lens,
-                    float* q_lat, float* o_lat, float* out,            /* scratch [B, H, R] x2, out [B, H, Dv] */
-                    int64_t B, int64_t H, int64_t Dn, int64_t Dv, int64_t R, int64_t P, int64_t block_size,
-                    float scale, int threads) {
+/* The whole decode for one weight type, bf16 a constant where this is inlined, so every inner loop
+ * is compiled for it without a branch per load. */
+static inline __attribute__((always_inline)) void decode(
+    const float* q_nope, int64_t qn_sb, int64_t qn_sh, const float* q_pe, int64_t qp_sb, int64_t qp_sh,
+    const void* w_uk, const void* w_uv, const int bf16, const float* cache, const int64_t* tables,
+    int64_t table_stride, const int64_t* seq_lens, float* q_lat, float* o_lat, float* out, int64_t B, int64_t H,
+    int64_t Dn, int64_t Dv, int64_t R, int64_t P, int64_t block_size, float scale, int threads) {
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
     /* enough (sequence, head group) items to keep every thread busy, in groups that divide H: a
@@ -238,15 +238,11 @@ void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H
             for (int64_t b0 = 0; b0 < B; b0 += 4) {
                 const float* q = q_nope + b0 * qn_sb + h * qn_sh;
                 float* y = q_lat + (b0 * H + h) * R;
-                if (B - b0 >= 4 && w_bf16)
-                    absorb4(q, qn_sb, w_uk, 1, h * Dn * R, Dn, R, y, H * R);
-                else if (B - b0 >= 4)
-                    absorb4(q, qn_sb, w_uk, 0, h * Dn * R, Dn, R, y, H * R);
+                if (B - b0 >= 4)
+                    absorb4(q, qn_sb, w_uk, bf16, h * Dn * R, Dn, R, y, H * R);
                 else
-                    for (int64_t b = b0; b < B; b++) {
-                        if (w_bf16) absorb_row(q + (b - b0) * qn_sb, w_uk, 1, h * Dn * R, Dn, R, y + (b - b0) * H * R);
-                        else absorb_row(q + (b - b0) * qn_sb, w_uk, 0, h * Dn * R, Dn, R, y + (b - b0) * H * R);
-                    }
+                    for (int64_t b = b0; b < B; b++)
+                        absorb_row(q + (b - b0) * qn_sb, w_uk, bf16, h * Dn * R, Dn, R, y + (b - b0) * H * R);
             }
         /* 2. attend, per (sequence, group of heads) */
         float* scores = malloc(sizeof(float) * per_group * (max_len > 0 ? max_len : 1));
@@ -268,20 +264,32 @@ void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H
             for (int64_t v0 = 0; v0 < Dv; v0 += V_BLOCK) {
                 const int64_t v1 = v0 + V_BLOCK < Dv ? v0 + V_BLOCK : Dv;
                 for (int64_t b = 0; b < B;) {
-                    const int n = B - b >= 4 ? 4 : 1; /* four sequences at a time, then one */
+                    const int four = B - b >= 4; /* four sequences at a time, then one */
                     for (int64_t v = v0; v < v1; v++) {
                         const int64_t row = (h * Dv + v) * R;
-                        const void* w = w_bf16 ? (const void*)((const uint16_t*)w_uv + row) : (const void*)((const float*)w_uv + row);
+                        const void* w = bf16 ? (const void*)((const uint16_t*)w_uv + row) : (const void*)((const float*)w_uv + row);
                         const float* a = o_lat + (b * H + h) * R;
                         float* y = out + (b * H + h) * Dv + v;
-                        /* constant widths and weight types, so that each inlined loop is branch-free */
-                        if (n == 4 && w_bf16) dots(a, H * R, 4, w, 1, R, y, H * Dv);
-                        else if (n == 4) dots(a, H * R, 4, w, 0, R, y, H * Dv);
-                        else if (w_bf16) dots(a, H * R, 1, w, 1, R, y, H * Dv);
-                        else dots(a, H * R, 1, w, 0, R, y, H * Dv);
+                        if (four) dots(a, H * R, 4, w, bf16, R, y, H * Dv);
+                        else dots(a, H * R, 1, w, bf16, R, y, H * Dv);
                     }
-                    b += n;
+                    b += four ? 4 : 1;
                 }
             }
     }
+}
+
+void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H, Dn], last dim dense */
+                    const float* q_pe, int64_t qp_sb, int64_t qp_sh,    /* [B, H, P], last dim dense */
+                    const void* w_uk, const void* w_uv, int w_bf16,    /* [H, Dn, R], [H, Dv, R]: fp32 or bf16 */
+                    const float* cache, const int64_t* tables, int64_t table_stride, const int64_t* seq_lens,
+                    float* q_lat, float* o_lat, float* out,            /* scratch [B, H, R] x2, out [B, H, Dv] */
+                    int64_t B, int64_t H, int64_t Dn, int64_t Dv, int64_t R, int64_t P, int64_t block_size,
+                    float scale, int threads) {
+    if (w_bf16)
+        decode(q_nope, qn_sb, qn_sh, q_pe, qp_sb, qp_sh, w_uk, w_uv, 1, cache, tables, table_stride, seq_lens, q_lat,
+               o_lat, out, B, H, Dn, Dv, R, P, block_size, scale, threads);
+    else
+        decode(q_nope, qn_sb, qn_sh, q_pe, qp_sb, qp_sh, w_uk, w_uv, 0, cache, tables, table_stride, seq_lens, q_lat,
+               o_lat, out, B, H, Dn, Dv, R, P, block_size, scale, threads);
 }
