@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     op_us = sum(e.self_cpu_time_total for e in events)
     steps = args.tokens - 1
     decode_s = wall - prefill_s
+    decode = (f"decode {decode_s / steps * 1e3:.1f} ms/step, {args.batch * steps / decode_s:.1f} tok/s"
+              if steps > 0 else "prefill only")
     print(f"{args.model} {args.dtype} batch {args.batch}: wall {wall:.2f} s for {args.tokens} tokens "
-          f"(prefill ~{prefill_s:.2f} s); decode {decode_s / steps * 1e3:.1f} ms/step, "
-          f"{args.batch * steps / decode_s:.1f} tok/s")
+          f"(prefill ~{prefill_s:.2f} s); {decode}")
     print(f"time inside torch operators: {op_us / 1e6:.2f} s = {100 * op_us / 1e6 / wall:.0f}% of wall "
           f"(the rest is Python and profiler overhead)")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))

@@ -343,6 +343,57 @@ def test_linear(platform, rows, k):
     torch.testing.assert_close(platform.linear(x.to(dev), w.to(dev), b.to(dev)).cpu(), x @ w.T + b, atol=1e-4, rtol=1e-4)
 
 
+def _bf16_close(got: torch.Tensor, exact: torch.Tensor) -> None:
+    """bf16 results against the fp32 product of the same bf16 values: one rounding to bf16 (2^-8
+    relative) at the end, or a few along the way as the reference ops round, allowed; summing in
+    bf16 over the whole width, or dropping a term, is not."""
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact, atol=2e-2 * float(exact.abs().max()), rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("rows,k", [(1, 24), (3, 37), (16, 64), (40, 1024), (70, 33)])
+def test_bf16_linear(platform, rows, k):
+    """A bf16 model's projections (bf16 weights and rows) give the fp32 product of the bf16 values,
+    rounded to bf16: the few-row native range and beyond it, odd widths, a bias."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(11, k, generator=g).bfloat16()
+    b = torch.randn(11, generator=g).bfloat16()
+    dev = platform.device
+    exact = x.float() @ w.float().T
+    _bf16_close(platform.linear(x.to(dev), w.to(dev)).cpu(), exact)
+    _bf16_close(platform.linear(x[None].to(dev), w.to(dev), b.to(dev))[0].cpu(), exact + b.float())
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 60])
+def test_bf16_moe_experts(platform, tokens):
+    """bf16 experts on bf16 rows, alone and routed in one call with a shared expert (as a bf16 model
+    runs them), against the formula in fp32 on the same bf16 values. 60 tokens x 2 of 3 experts
+    puts 40 rows on each, the many-row (panel) path of a native kernel."""
+    g = torch.Generator().manual_seed(13)
+    hidden, inter, routed = 48, 24, 3
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    w13 = (torch.randn(routed + 1, 2 * inter, hidden, generator=g) * 0.3).bfloat16()
+    w2 = (torch.randn(routed + 1, hidden, inter, generator=g) * 0.3).bfloat16()
+    router = torch.randn(routed, hidden, generator=g) * 0.3
+    routing = ops.Routing(top_k=2)
+    ids, weights = ops.route_experts(x.float(), router, None, routing)
+    dev = platform.device
+
+    def formula(ids, weights):
+        want = torch.zeros(tokens, hidden)
+        for t in range(tokens):
+            for j in range(ids.shape[1]):
+                gate, up = (w13[ids[t, j]].float() @ x[t].float()).chunk(2)
+                want[t] += weights[t, j] * (w2[ids[t, j]].float() @ (torch.nn.functional.silu(gate) * up))
+        return want
+
+    _bf16_close(platform.moe_experts(x.to(dev), ids.to(dev), weights.to(dev), w13[:routed].to(dev), w2[:routed].to(dev)).cpu(),
+                formula(ids, weights))
+    got = platform.route_and_run_experts(x.to(dev), router.to(dev), None, routing, 1, w13.to(dev), w2.to(dev)).cpu()
+    _bf16_close(got, formula(torch.cat([ids, torch.full((tokens, 1), routed)], 1), torch.cat([weights, torch.ones(tokens, 1)], 1)))
+
+
 @pytest.mark.parametrize("rows,n,k", [(1, 40, 24), (5, 37, 33), (6, 16, 8), (13, 1003, 256), (70, 50, 1024)])
 def test_prepared_linear(platform, rows, n, k, monkeypatch):
     """A weight in the platform's own layout (prepare_linear; every size prepared here, however

@@ -113,16 +113,33 @@ class CpuPlatform(Platform):
             out = cpu_kernels.linear_packed(lib, x.float(), weight)
             return out if bias is None else out + bias
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if weight.dtype == torch.bfloat16 and x.dtype in cpu_kernels.WEIGHT_DTYPES:
+            return self._bf16_linear(lib, x, weight, bias, rows)
         # Up to 32 rows the native kernel beats MKL's GEMM on the model's shapes (129,280 x 256 fp32:
         # 7.3 vs 14.7 ms at one row, 9.0 vs 35.4 at eight; 1.2-1.5x at 32 rows). Beyond that MKL's
         # blocking wins or ties on weights a cache can hold (64 x 256 x 1,024: 0.42 vs 0.49 ms), but a
         # vocabulary projection, which no cache holds, still streams faster natively (129,280 x 256:
         # 43 vs 67 ms at 48 rows, 58 vs 71 at 64).
-        max_rows = 64 if weight.numel() * weight.element_size() >= LARGE_WEIGHT_BYTES else 32
-        if lib is not None and 0 < rows <= max_rows and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous():
+        if lib is not None and 0 < rows <= self._native_rows(weight) and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous():
             out = cpu_kernels.linear_f32(lib, x, weight)
             return out if bias is None else out + bias
         return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def _native_rows(weight: torch.Tensor) -> int:
+        return 64 if weight.numel() * weight.element_size() >= LARGE_WEIGHT_BYTES else 32
+
+    def _bf16_linear(self, lib, x, weight, bias, rows) -> torch.Tensor:
+        """A bf16 weight (a bf16 model's) times bf16 or fp32 rows, summed in fp32 and returned in x's
+        dtype, as a bf16 GEMM with fp32 accumulation rounds. Without native bf16 (AVX2, no AVX512-BF16
+        or AMX), torch emulates that GEMM, slower than fp32: the native kernel widens the weight by a
+        shift instead (a batch-1 step of the small benchmark model: 97 ms in torch's bf16, see
+        BENCHMARKS.md), and many rows (a prefill) meet an fp32 copy of it in MKL's fp32 GEMM."""
+        if lib is not None and 0 < rows <= self._native_rows(weight) and weight.is_contiguous():
+            out = cpu_kernels.linear_f32(lib, x.float(), weight)
+        else:
+            out = torch.nn.functional.linear(x.float(), weight.float())
+        return (out if bias is None else out + bias).to(x.dtype)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         lib = cpu_kernels.load()
@@ -207,6 +224,7 @@ class CpuPlatform(Platform):
             routed
             and (block.router is not None or block.num_shared > 0)
             and self._native_experts(lib, block.norm, block.w13, block.w2, block.w13_scale, block.w2_scale)
+            and block.w13.dtype != torch.bfloat16  # decode_stack.c's table holds int8 or fp32 experts
             and block.norm.dtype == f32 and block.norm.is_contiguous()
             and (block.w13_scale is None or (block.w13_scale.is_contiguous() and block.w2_scale.is_contiguous()))
         )
@@ -248,31 +266,37 @@ class CpuPlatform(Platform):
     def moe_experts(self, x, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
         lib = cpu_kernels.load()
         if self._native_experts(lib, x, w13, w2, w13_scale, w2_scale):
-            return cpu_kernels.moe(lib, x, topk_ids, topk_weights, w13, w13_scale, w2, w2_scale)
+            return cpu_kernels.moe(lib, x.float(), topk_ids, topk_weights, w13, w13_scale, w2, w2_scale).to(x.dtype)
         return ops.moe_experts(x, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale, int8_matmul=self.int8_linear)
 
     @staticmethod
     def _native_experts(lib, x, w13, w2, w13_scale, w2_scale) -> bool:
+        """Whether moe_f32 runs these experts: int8 with fp32 scales on fp32 rows, or fp32 or bf16
+        weights on fp32 or bf16 rows (bf16 rows are widened first and the sum rounded back once, as
+        a bf16 GEMM with fp32 accumulation would, at each expert; torch emulates those here)."""
         if w13_scale is None:
-            weights_ok = w13.dtype == w2.dtype == torch.float32
+            weights_ok = w13.dtype == w2.dtype and w13.dtype in cpu_kernels.WEIGHT_DTYPES
+            rows_ok = x.dtype in cpu_kernels.WEIGHT_DTYPES
         else:
             weights_ok = w13.dtype == w2.dtype == torch.int8 and w13_scale.dtype == w2_scale.dtype == torch.float32
-        return lib is not None and weights_ok and x.dtype == torch.float32 and w13.is_contiguous() and w2.is_contiguous()
+            rows_ok = x.dtype == torch.float32
+        return lib is not None and weights_ok and rows_ok and w13.is_contiguous() and w2.is_contiguous()
 
     def route_and_run_experts(
         self, x, router_weight, bias, routing, num_shared, w13, w2, w13_scale=None, w2_scale=None,
         norm_weight=None, eps=0.0, add_input=False,
     ):
         lib = cpu_kernels.load()
+        rows = x.float()  # x itself when fp32; bf16 rows (a bf16 model's) are routed and run in fp32
         if (
-            self._native_routing(lib, x, router_weight, bias, routing)
+            self._native_routing(lib, rows, router_weight, bias, routing)
             and self._native_experts(lib, x, w13, w2, w13_scale, w2_scale)
             and x.dim() == 2
             and (norm_weight is None or (norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()))
         ):
             return cpu_kernels.moe_routed(
-                lib, x, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale, norm_weight, eps, add_input
-            )
+                lib, rows, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale, norm_weight, eps, add_input
+            ).to(x.dtype)
         return super().route_and_run_experts(
             x, router_weight, bias, routing, num_shared, w13, w2, w13_scale, w2_scale, norm_weight, eps, add_input
         )

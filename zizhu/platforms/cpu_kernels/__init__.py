@@ -58,12 +58,14 @@ def load() -> ctypes.CDLL | None:
     lib.int8_gemm_f32.restype = None
     lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     lib.gemm_f32.restype = None
-    lib.gemm_f32.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.gemm_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.pack_f32_panels.restype = lib.gemm_f32_packed.restype = None
     lib.pack_f32_panels.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.gemm_f32_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.moe_f32.restype = None
-    lib.moe_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.moe_f32.argtypes = (
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    )
     lib.mla_decode_f32.restype = None
     lib.mla_decode_f32.argtypes = (
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
@@ -85,7 +87,7 @@ def load() -> ctypes.CDLL | None:
         [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_int] * 2
         + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 4
-        + [ctypes.c_int64, ctypes.c_int]
+        + [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
     )
     lib.mla_decode_layer_i8.restype = None
     lib.mla_decode_layer_i8.argtypes = (
@@ -105,6 +107,10 @@ def load() -> ctypes.CDLL | None:
     lib.rms_norm_f32.restype = None
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     return lib
+
+
+# Full-precision weights the fp32 kernels read as they are (gemm.c: a bf16 weight widens by a shift).
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -137,10 +143,13 @@ def int8_linear(
 
 
 def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 `x [..., K]` times fp32 `weight [N, K]`."""
+    """fp32 `x [..., K]` times `weight [N, K]`, fp32 or bf16 (see WEIGHT_DTYPES), summed in fp32."""
     x2, (n, k) = _rows(x), weight.shape
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    lib.gemm_f32(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads())
+    lib.gemm_f32(
+        x2.data_ptr(), weight.data_ptr(), int(weight.dtype == torch.bfloat16), y.data_ptr(), x2.shape[0], n, k,
+        x2.stride(0), n, torch.get_num_threads(),
+    )
     return _shaped(y, x)
 
 
@@ -193,7 +202,7 @@ def moe(
     w13: torch.Tensor, s13: torch.Tensor | None, w2: torch.Tensor, s2: torch.Tensor | None,
 ) -> torch.Tensor:
     """All routed experts of a layer, grouping and weighted sum included, in one native call.
-    Weights are int8 with per-row scales, or fp32 with both scales None."""
+    Weights are int8 with per-row scales, or fp32 or bf16 with both scales None."""
     num_tokens, top_k = topk_ids.shape
     num_experts, two_inter, hidden = w13.shape
     x = x.contiguous()
@@ -203,7 +212,7 @@ def moe(
     lib.moe_f32(
         x.data_ptr(), out.data_ptr(), ids.data_ptr(), weights.data_ptr(), num_tokens, top_k, num_experts,
         w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
-        hidden, two_inter // 2, torch.get_num_threads(),
+        int(w13.dtype == torch.bfloat16), hidden, two_inter // 2, torch.get_num_threads(),
     )
     return out
 
@@ -311,7 +320,7 @@ def moe_routed(
         router.shape[0], SCORING[routing.scoring], METHODS[routing.method], routing.n_group, routing.topk_group,
         routing.top_k, int(routing.norm_topk_prob), routing.scaling, num_shared,
         w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
-        w13.shape[1] // 2, torch.get_num_threads(),
+        int(w13.dtype == torch.bfloat16), w13.shape[1] // 2, torch.get_num_threads(),
     )
     return out
 

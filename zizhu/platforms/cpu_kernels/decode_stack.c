@@ -68,7 +68,7 @@ void decode_stack_f32(const DecodeLayer* layers, int64_t L, const float* h, floa
                             seq_lens, block_size, threads);
         moe_routed_f32(attended, out, B, D, y->ffn_norm, y->ffn_eps, 1, y->router, y->bias, y->experts, y->scoring,
                        y->method, y->n_group, y->topk_group, y->top_k, y->norm_topk, y->scaling, y->shared, y->w13,
-                       y->s13, y->w2, y->s2, y->inter, threads);
+                       y->s13, y->w2, y->s2, 0, y->inter, threads);
     }
     free(attended);
 }

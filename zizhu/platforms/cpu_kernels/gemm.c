@@ -1,8 +1,10 @@
 /* fp32 GEMM for few rows, y[M, N] = x[M, K] @ w[N, K]^T, where MKL's GEMM pays more than the weight
- * stream; the grouped MoE call for fp32 and int8 experts (the int8 products are gemm_int8.c's).
+ * stream; the grouped MoE call for fp32, bf16 and int8 experts (the int8 products are gemm_int8.c's).
  * - one activation row (batch-1 decode): four independent accumulators hide the FMA latency;
  * - more rows: 4 activation rows x 2 weight rows per register tile, eight independent chains,
  *   each loaded weight vector feeding four FMAs.
+ * Weights are fp32 or bf16 (load_w: a bf16 checkpoint's weights as they are, half the bytes to
+ * stream, the products in fp32).
  * Built at first use by zizhu/platforms/cpu_kernels/__init__.py; it links the OpenMP runtime that
  * torch already loaded, so both share one thread pool.
  */
@@ -36,33 +38,37 @@ static inline void prefetch(const void* p, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + PREFETCH + b, _MM_HINT_T0);
 }
 
-/* A row dot product, the 4x2 register tile, and a thread's share of output columns [n_begin, n_end). */
-static float dot_row_f32(const float* x, const float* w, int64_t K) {
+/* A row dot product, the 4x2 register tile, and a thread's share of output columns [n_begin, n_end),
+ * for fp32 (bf16 = 0) or bf16 weights; bf16 is a constant wherever they are inlined. */
+static inline __attribute__((always_inline)) float dot_row(const float* x, const void* w, int64_t K, const int bf16) {
+    const int64_t size = bf16 ? 2 : 4;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        prefetch(w + k, 32 * sizeof(float));
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), _mm256_loadu_ps(w + k + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), _mm256_loadu_ps(w + k + 24), a3);
+        prefetch((const char*)w + k * size, 32 * size);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_w(w, k, bf16), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), load_w(w, k + 8, bf16), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), load_w(w, k + 16, bf16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), load_w(w, k + 24, bf16), a3);
     }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
+    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), load_w(w, k, bf16), a0);
     float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; k++) s += x[k] * w[k];
+    for (; k < K; k++) s += x[k] * scalar_w(w, k, bf16);
     return s;
 }
 
-static void tile_4x2_f32(const float* x, int64_t xs, const float* w0, const float* w1, int64_t K, float out[4][2]) {
+static inline __attribute__((always_inline)) void tile_4x2(const float* x, int64_t xs, const void* w0, const void* w1,
+                                                           int64_t K, float out[4][2], const int bf16) {
+    const int64_t size = bf16 ? 2 : 4;
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
            c31 = c00;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-        if ((k * sizeof(float)) % 64 == 0) {
-            prefetch(w0 + k, 64);
-            prefetch(w1 + k, 64);
+        if ((k * size) % 64 == 0) {
+            prefetch((const char*)w0 + k * size, 64);
+            prefetch((const char*)w1 + k * size, 64);
         }
-        const __m256 v0 = _mm256_loadu_ps(w0 + k), v1 = _mm256_loadu_ps(w1 + k);
+        const __m256 v0 = load_w(w0, k, bf16), v1 = load_w(w1, k, bf16);
         __m256 xv = _mm256_loadu_ps(x + k);
         c00 = _mm256_fmadd_ps(xv, v0, c00); c01 = _mm256_fmadd_ps(xv, v1, c01);
         xv = _mm256_loadu_ps(x + xs + k);
@@ -76,23 +82,24 @@ static void tile_4x2_f32(const float* x, int64_t xs, const float* w0, const floa
     out[2][0] = hsum8(c20); out[2][1] = hsum8(c21); out[3][0] = hsum8(c30); out[3][1] = hsum8(c31);
     for (; k < K; k++)
         for (int i = 0; i < 4; i++) {
-            out[i][0] += x[i * xs + k] * w0[k];
-            out[i][1] += x[i * xs + k] * w1[k];
+            out[i][0] += x[i * xs + k] * scalar_w(w0, k, bf16);
+            out[i][1] += x[i * xs + k] * scalar_w(w1, k, bf16);
         }
 }
 
-static void gemm_cols_f32(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t xs, int64_t ys,
-                          int64_t n_begin, int64_t n_end) {
+static inline __attribute__((always_inline)) void cols(const float* x, const void* w, float* y, int64_t M, int64_t K,
+                                                       int64_t xs, int64_t ys, int64_t n_begin, int64_t n_end,
+                                                       const int bf16) {
     for (int64_t mb = 0; mb < M; mb += ROW_BLOCK) {
         const int64_t me = mb + ROW_BLOCK < M ? mb + ROW_BLOCK : M;
         const int64_t m4 = mb + ((me - mb) & ~(int64_t)3);
         for (int64_t n0 = n_begin; n0 < n_end; n0 += 2) {
             const int both = n0 + 1 < n_end;
-            const float* w0 = w + n0 * K;
-            const float* w1 = both ? w0 + K : w0;
+            const void* w0 = w_at(w, n0 * K, bf16);
+            const void* w1 = both ? w_at(w, (n0 + 1) * K, bf16) : w0;
             for (int64_t m = mb; m < m4; m += 4) {
                 float out[4][2];
-                tile_4x2_f32(x + m * xs, xs, w0, w1, K, out);
+                tile_4x2(x + m * xs, xs, w0, w1, K, out, bf16);
                 for (int i = 0; i < 4; i++) {
                     y[(m + i) * ys + n0] = out[i][0];
                     if (both) y[(m + i) * ys + n0 + 1] = out[i][1];
@@ -100,11 +107,17 @@ static void gemm_cols_f32(const float* x, const float* w, float* y, int64_t M, i
             }
             for (int64_t m = m4; m < me; m++) {
                 const float* xr = x + m * xs;
-                y[m * ys + n0] = dot_row_f32(xr, w0, K);
-                if (both) y[m * ys + n0 + 1] = dot_row_f32(xr, w1, K);
+                y[m * ys + n0] = dot_row(xr, w0, K, bf16);
+                if (both) y[m * ys + n0 + 1] = dot_row(xr, w1, K, bf16);
             }
         }
     }
+}
+
+static void gemm_cols(const float* x, const void* w, int w_bf16, float* y, int64_t M, int64_t K, int64_t xs, int64_t ys,
+                      int64_t n_begin, int64_t n_end) {
+    if (w_bf16) cols(x, w, y, M, K, xs, ys, n_begin, n_end, 1);
+    else cols(x, w, y, M, K, xs, ys, n_begin, n_end, 0);
 }
 
 
@@ -118,10 +131,11 @@ static void gemm_cols_f32(const float* x, const float* w, float* y, int64_t M, i
         BODY;                                                               \
     }
 
-/* fp32 weights, for the few-row products where MKL's GEMM pays more than the weight stream. */
-void gemm_f32(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K, int64_t x_stride,
+/* fp32 or bf16 weights, for the few-row products where MKL's GEMM pays more than the weight stream
+ * (and for bf16 weights at any row count: this CPU's bf16 GEMM is emulated). */
+void gemm_f32(const float* x, const void* w, int w_bf16, float* y, int64_t M, int64_t N, int64_t K, int64_t x_stride,
               int64_t y_stride, int threads) {
-    PARALLEL_COLS(N, gemm_cols_f32(x, w, y, M, K, x_stride, y_stride, n_begin, n_end))
+    PARALLEL_COLS(N, gemm_cols(x, w, w_bf16, y, M, K, x_stride, y_stride, n_begin, n_end))
 }
 
 /* row[i] = silu(row[i]) * row[I + i] for i < I: the gate half times the up half of a w13 product.
@@ -147,9 +161,9 @@ static void silu_mul(float* row, int64_t I) {
  * per layer against 408 / 2,054 / 6,941 with chunks of 32 columns and 373 / 1,765 / 7,920 static.
  * x [T, D], ids and weights [T, K], w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]: int8
  * with per-row scales s13 / s2 (activations rounded per row to int16, see gemm_int8.c), or fp32
- * when the scales are NULL. */
+ * (w_bf16 = 0) or bf16 when the scales are NULL. */
 void moe_f32(const float* x, float* out, const int64_t* ids, const float* weights, int64_t T, int64_t K,
-             int64_t E, const void* w13, const float* s13, const void* w2, const float* s2,
+             int64_t E, const void* w13, const float* s13, const void* w2, const float* s2, int w_bf16,
              int64_t D, int64_t I, int threads) {
     const int64_t P = T * K, D32 = D & ~(int64_t)31, I32 = I & ~(int64_t)31;
     const int quantized = s13 != NULL;
@@ -212,11 +226,11 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
                 int8_cols(xs + p0 * D, D, xq + p0 * D32, xq_scale + p0, rows, D, (const int8_t*)w13 + e * 2 * I * D,
                           s13 + e * 2 * I, h + p0 * 2 * I, 2 * I, n0, n1);
             else if (rows >= PANEL_MIN_ROWS)
-                gemm_cols_f32_panel(xs + p0 * D, D, (const float*)w13 + e * 2 * I * D, D, h + p0 * 2 * I, 2 * I, rows,
-                                    n0, n1, panel);
+                gemm_cols_f32_panel(xs + p0 * D, D, w_at(w13, e * 2 * I * D, w_bf16), w_bf16, D, h + p0 * 2 * I, 2 * I,
+                                    rows, n0, n1, panel);
             else
-                gemm_cols_f32(xs + p0 * D, (const float*)w13 + e * 2 * I * D, h + p0 * 2 * I, rows, D, D,
-                              2 * I, n0, n1);
+                gemm_cols(xs + p0 * D, w_at(w13, e * 2 * I * D, w_bf16), w_bf16, h + p0 * 2 * I, rows, D, D, 2 * I,
+                          n0, n1);
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < P; r++) {
@@ -233,11 +247,11 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
                 int8_cols(h + p0 * 2 * I, 2 * I, hq + p0 * I32, hq_scale + p0, rows, I, (const int8_t*)w2 + e * D * I,
                           s2 + e * D, ys + p0 * D, D, n0, n1);
             else if (rows >= PANEL_MIN_ROWS)
-                gemm_cols_f32_panel(h + p0 * 2 * I, 2 * I, (const float*)w2 + e * D * I, I, ys + p0 * D, D, rows, n0,
-                                    n1, panel);
+                gemm_cols_f32_panel(h + p0 * 2 * I, 2 * I, w_at(w2, e * D * I, w_bf16), w_bf16, I, ys + p0 * D, D, rows,
+                                    n0, n1, panel);
             else
-                gemm_cols_f32(h + p0 * 2 * I, (const float*)w2 + e * D * I, ys + p0 * D, rows, I, 2 * I, D,
-                              n0, n1);
+                gemm_cols(h + p0 * 2 * I, w_at(w2, e * D * I, w_bf16), w_bf16, ys + p0 * D, rows, I, 2 * I, D, n0,
+                          n1);
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++) {

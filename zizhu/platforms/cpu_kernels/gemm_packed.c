@@ -27,10 +27,11 @@
  * the panel, so a prefill's thousands of rows are not re-read from memory for every panel. */
 #define ROW_BLOCK_BYTES (256 << 10)
 
-/* panel[k][j] = w[j][k] for the first `rows` (at most PANEL) rows of a row-major w, zero beyond. */
-static void transpose_panel(const float* w, int64_t K, int64_t rows, float* panel) {
+/* panel[k][j] = w[j][k] for the first `rows` (at most PANEL) rows of a row-major fp32 or bf16 w, zero
+ * beyond. */
+static void transpose_panel(const void* w, int w_bf16, int64_t K, int64_t rows, float* panel) {
     for (int64_t k = 0; k < K; k++)
-        for (int64_t j = 0; j < PANEL; j++) panel[k * PANEL + j] = j < rows ? w[j * K + k] : 0.0f;
+        for (int64_t j = 0; j < PANEL; j++) panel[k * PANEL + j] = j < rows ? scalar_w(w, j * K + k, w_bf16) : 0.0f;
 }
 
 void pack_f32_panels(float* w, float* tail, int64_t N, int64_t K, int threads) {
@@ -47,7 +48,7 @@ void pack_f32_panels(float* w, float* tail, int64_t N, int64_t K, int threads) {
         }
         free(slab);
     }
-    transpose_panel(w + full * PANEL * K, K, N - full * PANEL, tail);
+    transpose_panel(w + full * PANEL * K, 0, K, N - full * PANEL, tail);
 }
 
 /* `rows` (1..TILE_ROWS) rows of x against one panel; `cols` (1..16) valid output columns. */
@@ -112,8 +113,8 @@ void gemm_f32_packed(const float* x, const float* wp, const float* tail, float* 
  * first transposed into `panel` (16 x K floats), then multiplied as above. The grouped fp32 experts
  * of a prefill use it: their row-major weights through the 4 x 2 tiles of gemm.c ran at ~37 GMAC/s
  * at 2,048 tokens, each FMA paying a load of x. */
-void gemm_cols_f32_panel(const float* x, int64_t xs, const float* w, int64_t K, float* y, int64_t ys, int64_t M,
-                         int64_t n0, int64_t n1, float* panel) {
-    transpose_panel(w + n0 * K, K, n1 - n0, panel);
+void gemm_cols_f32_panel(const float* x, int64_t xs, const void* w, int w_bf16, int64_t K, float* y, int64_t ys,
+                         int64_t M, int64_t n0, int64_t n1, float* panel) {
+    transpose_panel(w_at(w, n0 * K, w_bf16), w_bf16, K, n1 - n0, panel);
     panel_rows(x, xs, panel, K, y + n0, ys, M, n1 - n0);
 }

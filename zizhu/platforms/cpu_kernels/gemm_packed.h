@@ -5,8 +5,8 @@
 
 #define PANEL 16
 
-/* Output columns [n0, n1) (n1 - n0 <= PANEL) of y = x @ w^T for M rows of row-major w[N, K], through
- * `panel`, scratch of PANEL x K floats. */
-void gemm_cols_f32_panel(const float* x, int64_t xs, const float* w, int64_t K, float* y, int64_t ys, int64_t M,
-                         int64_t n0, int64_t n1, float* panel);
+/* Output columns [n0, n1) (n1 - n0 <= PANEL) of y = x @ w^T for M rows of row-major w[N, K], fp32 or
+ * (w_bf16) bf16, through `panel`, scratch of PANEL x K floats. */
+void gemm_cols_f32_panel(const float* x, int64_t xs, const void* w, int w_bf16, int64_t K, float* y, int64_t ys,
+                         int64_t M, int64_t n0, int64_t n1, float* panel);
 #endif

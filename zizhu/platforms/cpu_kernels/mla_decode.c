@@ -21,28 +21,6 @@
 /* W_UV rows per block of the output projection (bf16: 8 KB at R = 256) */
 #define V_BLOCK 16
 
-/* bf16 weights (the absorbed W_UK / W_UV when bf16 holds them exactly, as it does for bf16
- * checkpoints) widen to fp32 by a shift: half the bytes of the fp32 copy, the same products. */
-static inline __m256 load_bf16(const uint16_t* p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-
-static inline float bf16_to_f32(uint16_t v) {
-    const uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Eight weights from an fp32 or bf16 row. */
-static inline __m256 load_w(const void* w, int64_t i, int bf16) {
-    return bf16 ? load_bf16((const uint16_t*)w + i) : _mm256_loadu_ps((const float*)w + i);
-}
-
-static inline float scalar_w(const void* w, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t*)w)[i]) : ((const float*)w)[i];
-}
-
 /* The dot products of up to four rows a + i * as with one row w (fp32 or bf16), sharing w's loads.
  * Every sum runs in one fixed order (two 8-wide accumulators over 16-element steps, then the tail),
  * whatever the number of rows, so a result does not depend on which rows share the call. */

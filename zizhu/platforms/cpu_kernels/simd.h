@@ -1,9 +1,11 @@
-/* Helpers shared by the CPU kernels: AVX2 reductions and loads, a vector exp, and one RMSNorm row. */
+/* Helpers shared by the CPU kernels: AVX2 reductions and loads, bf16 weights, a vector exp, and one
+ * RMSNorm row. */
 #ifndef ZIZHU_SIMD_H
 #define ZIZHU_SIMD_H
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 static inline float hsum8(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -23,6 +25,33 @@ static inline float dot_f32(const float* a, const float* b, int64_t n) {
     float s = hsum8(_mm256_add_ps(s0, s1));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* bf16 weights (a bf16 checkpoint's, kept as they are) widen to fp32 by a shift: half the bytes of an
+ * fp32 copy, the same products. */
+static inline __m256 load_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+static inline float bf16_to_f32(uint16_t v) {
+    const uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Eight weights, one weight, and the address of weight i, from an fp32 or bf16 array: `bf16` is a
+ * constant wherever these are inlined, so each loop is compiled for one type without a branch. */
+static inline __m256 load_w(const void* w, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t*)w + i) : _mm256_loadu_ps((const float*)w + i);
+}
+
+static inline float scalar_w(const void* w, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t*)w)[i]) : ((const float*)w)[i];
+}
+
+static inline const void* w_at(const void* w, int64_t i, int bf16) {
+    return bf16 ? (const void*)((const uint16_t*)w + i) : (const void*)((const float*)w + i);
 }
 
 /* e^x for eight floats: Cephes' expf (range reduction by ln 2, degree-5 polynomial, within 2 ulp
