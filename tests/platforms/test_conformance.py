@@ -44,16 +44,18 @@ def test_paged_mla_decode(platform, dtype):
 @pytest.mark.parametrize("batch", [1, 3, 9])
 @pytest.mark.parametrize("heads", [4, 6])
 @pytest.mark.parametrize("narrow", [False, True])
-def test_mla_decode_absorbed(platform, batch, heads, narrow):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_decode_absorbed(platform, batch, heads, narrow, dtype):
     """Absorbed decode equals attention with K/V decompressed by kv_b_proj, per sequence; also with
-    W_UK / W_UV in the platform's own form for values bf16 holds exactly (prepare_absorbed), and
-    head counts that are and are not multiples of four."""
+    W_UK / W_UV in the platform's own form for values bf16 holds exactly (prepare_absorbed), head
+    counts that are and are not multiples of four, and a bf16 model's cache and queries (the
+    result is fp32 either way, from the same values)."""
     g = torch.Generator().manual_seed(5)
     nope, rope, v, rank, bs = 12, 8, 10, 40, 4
-    cache = torch.randn(40, bs, rank + rope, generator=g)
+    cache = torch.randn(40, bs, rank + rope, generator=g).to(dtype)
     tables = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(batch)])
     seq_lens = torch.randint(1, 6 * bs + 1, (batch,), generator=g)
-    q = torch.randn(batch, heads, nope + rope, generator=g)  # nope and rope parts are strided views of it
+    q = torch.randn(batch, heads, nope + rope, generator=g).to(dtype)  # nope and rope parts are strided views of it
     w_uk = torch.randn(heads, nope, rank, generator=g) * 0.2
     w_uv = torch.randn(heads, v, rank, generator=g) * 0.2
     absorbed_uk, absorbed_uv = w_uk, w_uv
@@ -65,7 +67,8 @@ def test_mla_decode_absorbed(platform, batch, heads, narrow):
         q[..., :nope].to(dev), q[..., nope:].to(dev), absorbed_uk.to(dev), absorbed_uv.to(dev), cache.to(dev),
         tables.to(dev), seq_lens.to(dev), 0.3,
     ).cpu()
-    assert got.shape == (batch, heads, v)
+    assert got.shape == (batch, heads, v) and got.dtype == torch.float32
+    cache, q = cache.float(), q.float()
     for b in range(batch):
         ctx = cache[tables[b]].reshape(-1, rank + rope)[: seq_lens[b]]
         k_nope = torch.einsum("lr,hnr->lhn", ctx[:, :rank], w_uk)
@@ -141,6 +144,30 @@ def test_rms_norm_and_cache_write(platform):
     platform.write_kv_cache(cache, torch.tensor([5, 0]), x[:2])
     torch.testing.assert_close(cache[2, 1].cpu(), x[0])
     torch.testing.assert_close(cache[0, 0].cpu(), x[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_mla_write_latent(platform, dtype, interleaved):
+    """The new tokens' latents land at their slots, normalised and rotated, and q's rope dims are
+    rotated in place: fp32, and a bf16 model's rows and cache (one rounding to bf16 allowed)."""
+    g = torch.Generator().manual_seed(14)
+    tokens, heads, nope, rope, rank = 3, 2, 6, 8, 20
+    q = torch.randn(tokens, heads, nope + rope, generator=g).to(dtype)
+    kv_a = torch.randn(tokens, rank + rope, generator=g).to(dtype)
+    norm = (torch.rand(rank, generator=g) + 0.5).to(dtype)
+    angles = torch.rand(tokens, rope // 2, generator=g) * 3
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([5, 0, 9])
+    want_q, want_cache = q.float().clone(), torch.zeros(3, 4, rank + rope)
+    ops.mla_write_latent(want_q, kv_a.float(), norm.float(), 1e-6, cos, sin, interleaved, want_cache, slots)
+    dev = platform.device
+    got_q, cache = q.clone().to(dev), torch.zeros(3, 4, rank + rope, dtype=dtype, device=dev)
+    platform.mla_write_latent(got_q, kv_a.to(dev), norm.to(dev), 1e-6, cos.to(dev), sin.to(dev), interleaved, cache, slots.to(dev))
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
+    torch.testing.assert_close(got_q.cpu().float(), want_q, **tol)
+    torch.testing.assert_close(cache.cpu().float(), want_cache, **tol)
+    assert cache.dtype == dtype and got_q.dtype == dtype
 
 
 def test_platform_selection(monkeypatch):

@@ -155,26 +155,34 @@ class CpuPlatform(Platform):
 
     def mla_write_latent(self, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping):
         lib = cpu_kernels.load()
+        full = cpu_kernels.WEIGHT_DTYPES
         if (
             lib is not None
-            and q.dtype == kv_a.dtype == norm_weight.dtype == cos.dtype == cache.dtype == torch.float32
-            and q.stride(-1) == 1 and kv_a.stride(-1) == 1 and cache.is_contiguous()
+            and q.dtype in full and kv_a.dtype in full and norm_weight.dtype in full and cos.dtype in full
+            and cache.dtype in full and q.stride(-1) == 1 and kv_a.stride(-1) == 1 and cache.is_contiguous()
             and slot_mapping.dtype == torch.int64
         ):
-            cpu_kernels.mla_write_latent(lib, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping)
+            # a bf16 model's rows are widened, normalised and rotated in fp32 and rounded once
+            wide = q.float()
+            cpu_kernels.mla_write_latent(
+                lib, wide, kv_a.float(), norm_weight.float(), eps, cos.float(), sin.float(), interleaved, cache, slot_mapping
+            )
+            if wide is not q:
+                q.copy_(wide)
         else:
             super().mla_write_latent(q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping)
 
     def mla_decode(self, q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale):
         lib = cpu_kernels.load()
+        full = cpu_kernels.WEIGHT_DTYPES
         if (
             lib is not None
-            and cache.dtype == q_nope.dtype == q_pe.dtype == torch.float32
-            and w_uk.dtype == w_uv.dtype and w_uk.dtype in (torch.float32, torch.bfloat16)
+            and cache.dtype in full and q_nope.dtype in full and q_pe.dtype in full
+            and w_uk.dtype == w_uv.dtype and w_uk.dtype in full
             and cache.is_contiguous() and w_uk.is_contiguous() and w_uv.is_contiguous()
             and block_tables.dtype == seq_lens.dtype == torch.int64
         ):
-            return cpu_kernels.mla_decode(lib, q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale)
+            return cpu_kernels.mla_decode(lib, q_nope.float(), q_pe.float(), w_uk, w_uv, cache, block_tables, seq_lens, scale)
         return super().mla_decode(q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale)
 
     def mla_decode_layer(self, h, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens):

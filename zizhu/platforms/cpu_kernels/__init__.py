@@ -69,13 +69,14 @@ def load() -> ctypes.CDLL | None:
     lib.mla_decode_f32.restype = None
     lib.mla_decode_f32.argtypes = (
         [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int]
-        + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p]
+        + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int]
     )
     lib.mla_write_latent_f32.restype = None
     lib.mla_write_latent_f32.argtypes = (
         [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float]
-        + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
+        + [ctypes.c_int]
     )
     lib.moe_route_f32.restype = None
     lib.moe_route_f32.argtypes = (
@@ -223,7 +224,7 @@ def mla_decode(
     q_pe: torch.Tensor,  # [B, H, P] fp32, roped
     w_uk: torch.Tensor,  # [H, Dn, R] fp32 or bf16
     w_uv: torch.Tensor,  # [H, Dv, R], the same dtype
-    cache: torch.Tensor,  # [num_blocks, block_size, R + P] fp32
+    cache: torch.Tensor,  # [num_blocks, block_size, R + P] fp32 or bf16
     block_tables: torch.Tensor,  # [B, max_blocks] int64
     seq_lens: torch.Tensor,  # [B] int64
     scale: float,
@@ -242,7 +243,8 @@ def mla_decode(
     out = torch.empty(batch, heads, value, dtype=torch.float32)
     lib.mla_decode_f32(
         q_nope.data_ptr(), q_nope.stride(0), q_nope.stride(1), q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1),
-        w_uk.data_ptr(), w_uv.data_ptr(), int(w_uk.dtype == torch.bfloat16), cache.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
+        w_uk.data_ptr(), w_uv.data_ptr(), int(w_uk.dtype == torch.bfloat16), cache.data_ptr(),
+        int(cache.dtype == torch.bfloat16), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
         scratch.data_ptr(), scratch.data_ptr() + 4 * batch * heads * rank, out.data_ptr(),
         batch, heads, nope, value, rank, rope, cache.shape[1], scale, torch.get_num_threads(),
     )
@@ -271,7 +273,8 @@ def mla_decode_layer(lib: ctypes.CDLL, h: torch.Tensor, layer, cos, sin, interle
 
 
 def mla_write_latent(lib, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping) -> None:
-    """`ops.mla_write_latent` in one native call (q's rope dims rotated in place)."""
+    """`ops.mla_write_latent` in one native call (q's rope dims rotated in place): fp32 inputs, an fp32
+    or bf16 cache."""
     tokens, heads, head_dim = q.shape
     rank = norm_weight.shape[0]
     rope = kv_a.shape[-1] - rank
@@ -279,7 +282,7 @@ def mla_write_latent(lib, q, kv_a, norm_weight, eps, cos, sin, interleaved, cach
     lib.mla_write_latent_f32(
         q.data_ptr(), q.stride(0), q.stride(1), heads, head_dim - rope, kv_a.data_ptr(), kv_a.stride(0),
         norm_weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(), int(interleaved), cache.data_ptr(),
-        slots.data_ptr(), tokens, rank, rope, torch.get_num_threads(),
+        int(cache.dtype == torch.bfloat16), slots.data_ptr(), tokens, rank, rope, torch.get_num_threads(),
     )
 
 

@@ -47,28 +47,30 @@ static inline __attribute__((always_inline)) void dots(const float* a, int64_t a
     }
 }
 
-/* Up to eight sums y_i[0..8) = sum_j c[i * cs + j] * x_j[0..8), x_j = src[j] + offset, in order of
- * j from zero: the coefficients broadcast, the eight columns of each x_j loaded once. */
+/* Up to eight sums y_i[0..8) = sum_j c[i * cs + j] * x_j[0..8), x_j = src[j] + offset (fp32 or,
+ * with cbf16, bf16 rows), in order of j from zero: the coefficients broadcast, the eight columns of
+ * each x_j loaded once. */
 static inline __attribute__((always_inline)) void weighted8(const float* c, int64_t cs, const int count,
-                                                            const float* const* src, int64_t offset, int64_t len,
-                                                            float* y, int64_t ys) {
+                                                            const void* const* src, int64_t offset, const int cbf16,
+                                                            int64_t len, float* y, int64_t ys) {
     __m256 acc[8];
     for (int i = 0; i < count; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; j++) {
-        const __m256 v = _mm256_loadu_ps(src[j] + offset);
+        const __m256 v = load_w(src[j], offset, cbf16);
         for (int i = 0; i < count; i++) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(c[i * cs + j]), v, acc[i]);
     }
     for (int i = 0; i < count; i++) _mm256_storeu_ps(y + i * ys, acc[i]);
 }
 
 /* weighted8 for any number of sums: eights, then a four, two, one. */
-static void weighted(const float* c, int64_t cs, int64_t count, const float* const* src, int64_t offset, int64_t len,
-                     float* y, int64_t ys) {
+static inline __attribute__((always_inline)) void weighted(const float* c, int64_t cs, int64_t count,
+                                                           const void* const* src, int64_t offset, const int cbf16,
+                                                           int64_t len, float* y, int64_t ys) {
     int64_t i = 0;
-    for (; i + 8 <= count; i += 8) weighted8(c + i * cs, cs, 8, src, offset, len, y + i * ys, ys);
-    if (count - i >= 4) { weighted8(c + i * cs, cs, 4, src, offset, len, y + i * ys, ys); i += 4; }
-    if (count - i >= 2) { weighted8(c + i * cs, cs, 2, src, offset, len, y + i * ys, ys); i += 2; }
-    if (count - i >= 1) weighted8(c + i * cs, cs, 1, src, offset, len, y + i * ys, ys);
+    for (; i + 8 <= count; i += 8) weighted8(c + i * cs, cs, 8, src, offset, cbf16, len, y + i * ys, ys);
+    if (count - i >= 4) { weighted8(c + i * cs, cs, 4, src, offset, cbf16, len, y + i * ys, ys); i += 4; }
+    if (count - i >= 2) { weighted8(c + i * cs, cs, 2, src, offset, cbf16, len, y + i * ys, ys); i += 2; }
+    if (count - i >= 1) weighted8(c + i * cs, cs, 1, src, offset, cbf16, len, y + i * ys, ys);
 }
 
 /* The absorbed query of one row: y = sum_n q[n] * W[n], the running sums kept in y (in L1) rather
@@ -151,28 +153,30 @@ static void softmax(float* s, int64_t n) {
     for (j = 0; j < n; j++) s[j] *= inv;
 }
 
-/* Attention of heads [h0, h1) of sequence b over its cached rows (row pointers in `rows`); q_lat
- * and o_lat are [B, H, R]. */
-static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const float* q_pe, int64_t qp_sb,
-                   int64_t qp_sh, const float* const* rows, int64_t len, float* o_lat, float* scores, int64_t H,
-                   int64_t R, int64_t P, float scale) {
-    const int64_t nh = h1 - h0;
+/* Attention of heads [h0, h1) of sequence b over its cached rows (row pointers in `rows`, fp32 or,
+ * with cbf16, bf16 rows: a bf16 model's cache); q_lat and o_lat are [B, H, R]. */
+static inline __attribute__((always_inline)) void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat,
+                                                         const float* q_pe, int64_t qp_sb, int64_t qp_sh,
+                                                         const void* const* rows, const int cbf16, int64_t len,
+                                                         float* o_lat, float* scores, int64_t H, int64_t R, int64_t P,
+                                                         float scale) {
+    const int64_t nh = h1 - h0, row_bytes = (R + P) * (cbf16 ? 2 : 4);
     for (int64_t j = 0; j < len; j++) {
-        const float* row = rows[j];
+        const void* row = rows[j];
         /* the row after next, ahead of use: rows sit in scattered blocks, out of the prefetchers' sight */
         if (j + 2 < len)
-            for (int64_t at = 0; at < (R + P) * (int64_t)sizeof(float); at += 64) _mm_prefetch((const char*)rows[j + 2] + at, _MM_HINT_T0);
+            for (int64_t at = 0; at < row_bytes; at += 64) _mm_prefetch((const char*)rows[j + 2] + at, _MM_HINT_T0);
         int64_t h = h0;
         for (; h + 4 <= h1; h += 4) {
             float lat[4], pe[4];
-            dots(q_lat + (b * H + h) * R, R, 4, row, 0, R, lat, 1);
-            dots(q_pe + b * qp_sb + h * qp_sh, qp_sh, 4, row + R, 0, P, pe, 1);
+            dots(q_lat + (b * H + h) * R, R, 4, row, cbf16, R, lat, 1);
+            dots(q_pe + b * qp_sb + h * qp_sh, qp_sh, 4, w_at(row, R, cbf16), cbf16, P, pe, 1);
             for (int i = 0; i < 4; i++) scores[(h - h0 + i) * len + j] = (lat[i] + pe[i]) * scale;
         }
         for (; h < h1; h++) {
             float lat, pe;
-            dots(q_lat + (b * H + h) * R, R, 1, row, 0, R, &lat, 1);
-            dots(q_pe + b * qp_sb + h * qp_sh, qp_sh, 1, row + R, 0, P, &pe, 1);
+            dots(q_lat + (b * H + h) * R, R, 1, row, cbf16, R, &lat, 1);
+            dots(q_pe + b * qp_sb + h * qp_sh, qp_sh, 1, w_at(row, R, cbf16), cbf16, P, &pe, 1);
             scores[(h - h0) * len + j] = (lat + pe) * scale;
         }
     }
@@ -180,20 +184,20 @@ static void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat, const 
     /* o[i] = sum_j p[i, j] * c_kv_j: eight columns at a time, the heads' sums in registers */
     float* o = o_lat + (b * H + h0) * R;
     int64_t r = 0;
-    for (; r + 8 <= R; r += 8) weighted(scores, len, nh, rows, r, len, o + r, R);
+    for (; r + 8 <= R; r += 8) weighted(scores, len, nh, rows, r, cbf16, len, o + r, R);
     for (; r < R; r++)
         for (int64_t i = 0; i < nh; i++) {
             float t = 0.0f;
-            for (int64_t j = 0; j < len; j++) t += scores[i * len + j] * rows[j][r];
+            for (int64_t j = 0; j < len; j++) t += scores[i * len + j] * scalar_w(rows[j], r, cbf16);
             o[i * R + r] = t;
         }
 }
 
-/* The whole decode for one weight type, bf16 a constant where this is inlined, so every inner loop
- * is compiled for it without a branch per load. */
+/* The whole decode for one weight type and one cache type, bf16 and cbf16 constants where this is
+ * inlined, so every inner loop is compiled for them without a branch per load. */
 static inline __attribute__((always_inline)) void decode(
     const float* q_nope, int64_t qn_sb, int64_t qn_sh, const float* q_pe, int64_t qp_sb, int64_t qp_sh,
-    const void* w_uk, const void* w_uv, const int bf16, const float* cache, const int64_t* tables,
+    const void* w_uk, const void* w_uv, const int bf16, const void* cache, const int cbf16, const int64_t* tables,
     int64_t table_stride, const int64_t* seq_lens, float* q_lat, float* o_lat, float* out, int64_t B, int64_t H,
     int64_t Dn, int64_t Dv, int64_t R, int64_t P, int64_t block_size, float scale, int threads) {
     int64_t max_len = 0;
@@ -224,13 +228,13 @@ static inline __attribute__((always_inline)) void decode(
             }
         /* 2. attend, per (sequence, group of heads) */
         float* scores = malloc(sizeof(float) * per_group * (max_len > 0 ? max_len : 1));
-        const float** rows = malloc(sizeof(float*) * (max_len > 0 ? max_len : 1));
+        const void** rows = malloc(sizeof(void*) * (max_len > 0 ? max_len : 1));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < B * groups; item++) {
             const int64_t b = item / groups, h0 = (item % groups) * per_group, len = seq_lens[b];
             const int64_t* table = tables + b * table_stride;
-            for (int64_t j = 0; j < len; j++) rows[j] = cache + (table[j / block_size] * block_size + j % block_size) * W;
-            attend(b, h0, h0 + per_group, q_lat, q_pe, qp_sb, qp_sh, rows, len, o_lat, scores, H, R, P, scale);
+            for (int64_t j = 0; j < len; j++) rows[j] = w_at(cache, (table[j / block_size] * block_size + j % block_size) * W, cbf16);
+            attend(b, h0, h0 + per_group, q_lat, q_pe, qp_sb, qp_sh, rows, cbf16, len, o_lat, scores, H, R, P, scale);
         }
         free(scores);
         free(rows);
@@ -260,14 +264,17 @@ static inline __attribute__((always_inline)) void decode(
 void mla_decode_f32(const float* q_nope, int64_t qn_sb, int64_t qn_sh,  /* [B, H, Dn], last dim dense */
                     const float* q_pe, int64_t qp_sb, int64_t qp_sh,    /* [B, H, P], last dim dense */
                     const void* w_uk, const void* w_uv, int w_bf16,    /* [H, Dn, R], [H, Dv, R]: fp32 or bf16 */
-                    const float* cache, const int64_t* tables, int64_t table_stride, const int64_t* seq_lens,
+                    const void* cache, int cache_bf16,                 /* [blocks, block_size, R + P]: fp32 or bf16 */
+                    const int64_t* tables, int64_t table_stride, const int64_t* seq_lens,
                     float* q_lat, float* o_lat, float* out,            /* scratch [B, H, R] x2, out [B, H, Dv] */
                     int64_t B, int64_t H, int64_t Dn, int64_t Dv, int64_t R, int64_t P, int64_t block_size,
                     float scale, int threads) {
-    if (w_bf16)
-        decode(q_nope, qn_sb, qn_sh, q_pe, qp_sb, qp_sh, w_uk, w_uv, 1, cache, tables, table_stride, seq_lens, q_lat,
-               o_lat, out, B, H, Dn, Dv, R, P, block_size, scale, threads);
-    else
-        decode(q_nope, qn_sb, qn_sh, q_pe, qp_sb, qp_sh, w_uk, w_uv, 0, cache, tables, table_stride, seq_lens, q_lat,
-               o_lat, out, B, H, Dn, Dv, R, P, block_size, scale, threads);
+#define MLA_DECODE(WB, CB)                                                                                        \
+    decode(q_nope, qn_sb, qn_sh, q_pe, qp_sb, qp_sh, w_uk, w_uv, WB, cache, CB, tables, table_stride, seq_lens, \
+           q_lat, o_lat, out, B, H, Dn, Dv, R, P, block_size, scale, threads)
+    if (w_bf16 && cache_bf16) MLA_DECODE(1, 1);
+    else if (w_bf16) MLA_DECODE(1, 0);
+    else if (cache_bf16) MLA_DECODE(0, 1);
+    else MLA_DECODE(0, 0);
+#undef MLA_DECODE
 }

@@ -31,9 +31,9 @@ void mla_decode_layer_i8(const float* h, float* out, int64_t B, int64_t D,
     float* attended = malloc(sizeof(float) * (B * H * Dv + 1));
     int8_gemm_f32(h, q_kv_a, q_kv_a_scale, q_kv, B, A, D, D, A, input_norm, input_eps, threads);
     int8_gemm_f32(q_kv, q_b, q_b_scale, q, B, Q, QL, A, Q, q_a_norm, q_a_eps, threads);
-    mla_write_latent_f32(q, Q, Dn + P, H, Dn, q_kv + QL, A, kv_a_norm, kv_a_eps, cos, sin, interleaved, cache, slots, B,
+    mla_write_latent_f32(q, Q, Dn + P, H, Dn, q_kv + QL, A, kv_a_norm, kv_a_eps, cos, sin, interleaved, cache, 0, slots, B,
                          R, P, threads);
-    mla_decode_f32(q, Q, Dn + P, q + Dn, Q, Dn + P, w_uk, w_uv, w_bf16, cache, tables, table_stride, seq_lens, scratch,
+    mla_decode_f32(q, Q, Dn + P, q + Dn, Q, Dn + P, w_uk, w_uv, w_bf16, cache, 0, tables, table_stride, seq_lens, scratch,
                    scratch + B * H * R, attended, B, H, Dn, Dv, R, P, block_size, scale, threads);
     int8_gemm_f32(attended, o, o_scale, out, B, D, H * Dv, H * Dv, D, NULL, 0.0f, threads);
     for (int64_t j = 0; j < B * D; j++) out[j] = h[j] + out[j];
