@@ -424,8 +424,8 @@ def test_bf16_moe_experts(platform, tokens):
 @pytest.mark.parametrize("rows,n,k", [(1, 40, 24), (5, 37, 33), (6, 16, 8), (13, 1003, 256), (70, 50, 1024)])
 def test_prepared_linear(platform, rows, n, k, monkeypatch):
     """A weight in the platform's own layout (prepare_linear; every size prepared here, however
-    small) gives the same product, full precision and int8: partial panels and row tiles, strided
-    rows, a bias."""
+    small) gives the same product, fp32, bf16 and int8: partial panels and row tiles, strided rows,
+    a bias."""
     if hasattr(platform, "pack_min_bytes"):
         monkeypatch.setattr(platform, "pack_min_bytes", 0)
     g = torch.Generator().manual_seed(9)
@@ -435,6 +435,9 @@ def test_prepared_linear(platform, rows, n, k, monkeypatch):
     prepared = platform.prepare_linear(w.clone().to(dev))  # it may take over the weight's storage
     torch.testing.assert_close(platform.linear(x.to(dev), prepared).cpu(), x @ w.T, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(platform.linear(x[None].to(dev), prepared, b.to(dev)).cpu(), (x @ w.T + b)[None], atol=1e-4, rtol=1e-4)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    prepared = platform.prepare_linear(wb.clone().to(dev))
+    _bf16_close(platform.linear(xb.to(dev), prepared, b.bfloat16().to(dev)).cpu(), xb.float() @ wb.float().T + b.bfloat16().float())
     q, scale = quantize_int8_rows(w)
     prepared = platform.prepare_linear(q.clone().to(dev))
     assert_int8_close(platform.int8_linear(x.to(dev), prepared, scale.to(dev)), x, q, scale)

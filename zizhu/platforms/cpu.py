@@ -110,8 +110,8 @@ class CpuPlatform(Platform):
     def linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
         lib = cpu_kernels.load()
         if isinstance(weight, cpu_kernels.PackedWeight):  # prepare_linear made it, so lib exists
-            out = cpu_kernels.linear_packed(lib, x.float(), weight)
-            return out if bias is None else out + bias
+            out = cpu_kernels.linear_packed(lib, x.float(), weight)  # fp32; a bf16 model's rounded once
+            return (out if bias is None else out + bias).to(x.dtype)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if weight.dtype == torch.bfloat16 and x.dtype in cpu_kernels.WEIGHT_DTYPES:
             return self._bf16_linear(lib, x, weight, bias, rows)

@@ -59,9 +59,9 @@ def load() -> ctypes.CDLL | None:
     lib.int8_gemm_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     lib.gemm_f32.restype = None
     lib.gemm_f32.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
-    lib.pack_f32_panels.restype = lib.gemm_f32_packed.restype = None
-    lib.pack_f32_panels.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    lib.gemm_f32_packed.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    lib.pack_panels.restype = lib.gemm_f32_packed.restype = None
+    lib.pack_panels.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2
+    lib.gemm_f32_packed.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.moe_f32.restype = None
     lib.moe_f32.argtypes = (
         [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_int]
@@ -159,9 +159,9 @@ PANEL = 16  # output columns per panel of a packed weight (gemm_packed.c)
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """An fp32 `[out_features, in_features]` weight repacked in place for gemm_packed.c:
-    `panels[p, k, j]` is row 16p + j, column k of the original; the last out_features % 16 rows sit
-    zero-padded in `tail`."""
+    """An fp32 or bf16 `[out_features, in_features]` weight repacked in place for gemm_packed.c, in its
+    own dtype: `panels[p, k, j]` is row 16p + j, column k of the original; the last out_features % 16
+    rows sit zero-padded in `tail`."""
 
     panels: torch.Tensor  # [out // 16, in, 16], the original weight's storage
     tail: torch.Tensor  # [in, 16]
@@ -170,7 +170,7 @@ class PackedWeight:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous()
+    return weight.dtype in WEIGHT_DTYPES and weight.dim() == 2 and weight.is_contiguous()
 
 
 def pack_weight(lib: ctypes.CDLL, weight: torch.Tensor) -> PackedWeight:
@@ -178,18 +178,19 @@ def pack_weight(lib: ctypes.CDLL, weight: torch.Tensor) -> PackedWeight:
     afterwards."""
     n, k = weight.shape
     tail = torch.zeros(k, PANEL, dtype=weight.dtype)
-    lib.pack_f32_panels(weight.data_ptr(), tail.data_ptr(), n, k, torch.get_num_threads())
+    lib.pack_panels(weight.data_ptr(), tail.data_ptr(), n, k, int(weight.dtype == torch.bfloat16), torch.get_num_threads())
     panels = weight.detach().view(-1)[: n // PANEL * PANEL * k].view(n // PANEL, k, PANEL)
     return PackedWeight(panels, tail, n, k)
 
 
 def linear_packed(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """fp32 `x [..., K]` times a packed weight: `[..., out_features]`."""
+    """fp32 `x [..., K]` times a packed weight: `[..., out_features]` fp32."""
     x2, n = _rows(x), weight.out_features
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if x2.shape[0]:
         lib.gemm_f32_packed(
-            x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), y.data_ptr(),
+            x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), int(weight.panels.dtype == torch.bfloat16),
+            y.data_ptr(),
             x2.shape[0], n, weight.in_features, x2.stride(0), n, torch.get_num_threads(),
         )
     return _shaped(y, x)

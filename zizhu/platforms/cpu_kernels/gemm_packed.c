@@ -10,7 +10,8 @@
  * twelve independent accumulators, the panel stays in L1 for every block of rows, and the weight
  * streams from memory once, in order. Used for the vocabulary head (see CpuPlatform.prepare_linear).
  * Panel p is a transpose of rows 16p..16p+15, the very bytes it replaces, so packing works in place,
- * slab by slab; the last N % 16 rows go to a zero-padded panel of their own.
+ * slab by slab; the last N % 16 rows go to a zero-padded panel of their own. A bf16 weight (a bf16
+ * model's) is packed the same way, still bf16, and widened by a shift as each panel row is loaded.
  */
 #include <omp.h>
 #include <stdint.h>
@@ -34,31 +35,39 @@ static void transpose_panel(const void* w, int w_bf16, int64_t K, int64_t rows, 
         for (int64_t j = 0; j < PANEL; j++) panel[k * PANEL + j] = j < rows ? scalar_w(w, j * K + k, w_bf16) : 0.0f;
 }
 
-void pack_f32_panels(float* w, float* tail, int64_t N, int64_t K, int threads) {
-    const int64_t full = N / PANEL;
+/* Weights fp32 or (w_bf16) bf16: the element type is kept, only the order changes. */
+void pack_panels(void* w, void* tail, int64_t N, int64_t K, int w_bf16, int threads) {
+    const int64_t full = N / PANEL, size = w_bf16 ? 2 : 4;
 #pragma omp parallel num_threads(threads)
     {
-        float* slab = malloc(sizeof(float) * PANEL * K);
+        char* slab = malloc(size * PANEL * K);
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < full; p++) {
-            float* panel = w + p * PANEL * K;
-            memcpy(slab, panel, sizeof(float) * PANEL * K);
+            char* panel = (char*)w + p * PANEL * K * size;
+            memcpy(slab, panel, size * PANEL * K);
             for (int64_t k = 0; k < K; k++)
-                for (int64_t j = 0; j < PANEL; j++) panel[k * PANEL + j] = slab[j * K + k];
+                for (int64_t j = 0; j < PANEL; j++) memcpy(panel + (k * PANEL + j) * size, slab + (j * K + k) * size, size);
         }
         free(slab);
     }
-    transpose_panel(w + full * PANEL * K, 0, K, N - full * PANEL, tail);
+    const char* rest = (const char*)w + full * PANEL * K * size;
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t j = 0; j < PANEL; j++) {
+            char* to = (char*)tail + (k * PANEL + j) * size;
+            if (j < N - full * PANEL) memcpy(to, rest + (j * K + k) * size, size);
+            else memset(to, 0, size);
+        }
 }
 
 /* `rows` (1..TILE_ROWS) rows of x against one panel; `cols` (1..16) valid output columns. */
-static inline __attribute__((always_inline)) void tile(const float* x, int64_t xs, const float* wp, int64_t K,
-                                                       float* y, int64_t ys, const int rows, int64_t cols) {
+static inline __attribute__((always_inline)) void tile(const float* x, int64_t xs, const void* wp, const int bf16,
+                                                       int64_t K, float* y, int64_t ys, const int rows, int64_t cols) {
+    const int64_t size = bf16 ? 2 : 4;
     __m256 c0[TILE_ROWS], c1[TILE_ROWS];
     for (int i = 0; i < rows; i++) c0[i] = c1[i] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K; k++) {
-        _mm_prefetch((const char*)(wp + (k + PREFETCH_ROWS) * PANEL), _MM_HINT_T0);
-        const __m256 w0 = _mm256_loadu_ps(wp + k * PANEL), w1 = _mm256_loadu_ps(wp + k * PANEL + 8);
+        _mm_prefetch((const char*)wp + (k + PREFETCH_ROWS) * PANEL * size, _MM_HINT_T0);
+        const __m256 w0 = load_w(wp, k * PANEL, bf16), w1 = load_w(wp, k * PANEL + 8, bf16);
         for (int i = 0; i < rows; i++) {
             const __m256 b = _mm256_broadcast_ss(x + i * xs + k);
             c0[i] = _mm256_fmadd_ps(b, w0, c0[i]);
@@ -75,25 +84,31 @@ static inline __attribute__((always_inline)) void tile(const float* x, int64_t x
 }
 
 /* M rows of x against one panel: tiles of TILE_ROWS rows, then one tile of the rows left. */
-static void panel_rows(const float* x, int64_t xs, const float* panel, int64_t K, float* y, int64_t ys, int64_t M,
-                       int64_t cols) {
+static inline __attribute__((always_inline)) void rows_of(const float* x, int64_t xs, const void* panel, const int bf16,
+                                                          int64_t K, float* y, int64_t ys, int64_t M, int64_t cols) {
     int64_t m = 0;
-    for (; m + TILE_ROWS <= M; m += TILE_ROWS) tile(x + m * xs, xs, panel, K, y + m * ys, ys, TILE_ROWS, cols);
+    for (; m + TILE_ROWS <= M; m += TILE_ROWS) tile(x + m * xs, xs, panel, bf16, K, y + m * ys, ys, TILE_ROWS, cols);
     const float* xr = x + m * xs;
     float* yr = y + m * ys;
     switch (M - m) {
-        case 5: tile(xr, xs, panel, K, yr, ys, 5, cols); break;
-        case 4: tile(xr, xs, panel, K, yr, ys, 4, cols); break;
-        case 3: tile(xr, xs, panel, K, yr, ys, 3, cols); break;
-        case 2: tile(xr, xs, panel, K, yr, ys, 2, cols); break;
-        case 1: tile(xr, xs, panel, K, yr, ys, 1, cols); break;
+        case 5: tile(xr, xs, panel, bf16, K, yr, ys, 5, cols); break;
+        case 4: tile(xr, xs, panel, bf16, K, yr, ys, 4, cols); break;
+        case 3: tile(xr, xs, panel, bf16, K, yr, ys, 3, cols); break;
+        case 2: tile(xr, xs, panel, bf16, K, yr, ys, 2, cols); break;
+        case 1: tile(xr, xs, panel, bf16, K, yr, ys, 1, cols); break;
         default: break;
     }
 }
 
+static void panel_rows(const float* x, int64_t xs, const void* panel, int w_bf16, int64_t K, float* y, int64_t ys,
+                       int64_t M, int64_t cols) {
+    if (w_bf16) rows_of(x, xs, panel, 1, K, y, ys, M, cols);
+    else rows_of(x, xs, panel, 0, K, y, ys, M, cols);
+}
+
 /* Each thread takes whole panels; within a panel every tile of rows reuses it from L1 (or L2). */
-void gemm_f32_packed(const float* x, const float* wp, const float* tail, float* y, int64_t M, int64_t N, int64_t K,
-                     int64_t x_stride, int64_t y_stride, int threads) {
+void gemm_f32_packed(const float* x, const void* wp, const void* tail, int w_bf16, float* y, int64_t M, int64_t N,
+                     int64_t K, int64_t x_stride, int64_t y_stride, int threads) {
     const int64_t panels = (N + PANEL - 1) / PANEL;
     int64_t block = ROW_BLOCK_BYTES / (K * (int64_t)sizeof(float)) / TILE_ROWS * TILE_ROWS;
     if (block < TILE_ROWS) block = TILE_ROWS;
@@ -102,9 +117,9 @@ void gemm_f32_packed(const float* x, const float* wp, const float* tail, float* 
         const int64_t me = mb + block < M ? mb + block : M;
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; p++) {
-            const float* panel = p < N / PANEL ? wp + p * K * PANEL : tail;
+            const void* panel = p < N / PANEL ? w_at(wp, p * K * PANEL, w_bf16) : tail;
             const int64_t n0 = p * PANEL, cols = N - n0 < PANEL ? N - n0 : PANEL;
-            panel_rows(x + mb * x_stride, x_stride, panel, K, y + mb * y_stride + n0, y_stride, me - mb, cols);
+            panel_rows(x + mb * x_stride, x_stride, panel, w_bf16, K, y + mb * y_stride + n0, y_stride, me - mb, cols);
         }
     }
 }
@@ -116,5 +131,5 @@ void gemm_f32_packed(const float* x, const float* wp, const float* tail, float* 
 void gemm_cols_f32_panel(const float* x, int64_t xs, const void* w, int w_bf16, int64_t K, float* y, int64_t ys,
                          int64_t M, int64_t n0, int64_t n1, float* panel) {
     transpose_panel(w_at(w, n0 * K, w_bf16), w_bf16, K, n1 - n0, panel);
-    panel_rows(x, xs, panel, K, y + n0, ys, M, n1 - n0);
+    panel_rows(x, xs, panel, 0, K, y + n0, ys, M, n1 - n0);
 }
