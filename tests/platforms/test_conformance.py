@@ -463,13 +463,17 @@ def test_argmax(platform, rows, vocab):
     assert int(got[0]) == int(top[0])
 
 
-def _mla_decode_bundle(g, platform, narrow, hidden=96, heads=4, nope=16, rope=8, v=16, rank=32, q_lora=40):
-    """A random int8 MLADecodeLayer on the platform's device."""
+def _mla_decode_bundle(g, platform, narrow, hidden=96, heads=4, nope=16, rope=8, v=16, rank=32, q_lora=40, weights="int8"):
+    """A random MLADecodeLayer on the platform's device, its projections int8 (with scales), fp32 or
+    bf16."""
     w = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
-    (q_kv_a, s_kv), (q_b, s_b), (o, s_o) = (
-        quantize_int8_rows(w(q_lora + rank + rope, hidden)), quantize_int8_rows(w(heads * (nope + rope), q_lora)),
-        quantize_int8_rows(w(hidden, heads * v)),
-    )
+    shapes = [(q_lora + rank + rope, hidden), (heads * (nope + rope), q_lora), (hidden, heads * v)]
+    if weights == "int8":
+        (q_kv_a, s_kv), (q_b, s_b), (o, s_o) = [quantize_int8_rows(w(*shape)) for shape in shapes]
+    else:
+        dtype = torch.bfloat16 if weights == "bf16" else torch.float32
+        (q_kv_a, q_b, o), s_kv = [w(*shape).to(dtype) for shape in shapes], None
+        s_b = s_o = None
     w_uk, w_uv = w(heads, nope, rank), w(heads, v, rank)
     if narrow:
         w_uk, w_uv = platform.prepare_absorbed(w_uk.bfloat16().float()), platform.prepare_absorbed(w_uv.bfloat16().float())
@@ -498,15 +502,17 @@ def _decode_batch(g, batch, bs, blocks, width, rope):
 
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("narrow", [False, True])
-def test_mla_decode_layer(platform, batch, narrow):
-    """A whole int8 MLA decode layer in the platform's own form equals the hooks applied in turn
+@pytest.mark.parametrize("weights,cache_dtype", [("int8", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_mla_decode_layer(platform, batch, narrow, weights, cache_dtype):
+    """A whole MLA decode layer in the platform's own form equals the hooks applied in turn
     (Platform.mla_decode_layer's composition, on this platform's hooks): the output and the latent
-    written to the cache."""
+    written to the cache; int8 or full-precision projections, an fp32 or bf16 cache."""
     g = torch.Generator().manual_seed(21)
     hidden, rope, rank, bs = 96, 8, 32, 4
-    layer = _mla_decode_bundle(g, platform, narrow)
+    layer = _mla_decode_bundle(g, platform, narrow, weights=weights)
     h = torch.randn(batch, hidden, generator=g)
     cache, tables, seq_lens, slots, angles = _decode_batch(g, batch, bs, 12, rank + rope, rope)
+    cache = cache.to(cache_dtype)
     dev = platform.device
     h, cache, tables, seq_lens, slots = (t.to(dev) for t in (h, cache, tables, seq_lens, slots))
     args = (angles.cos().to(dev), angles.sin().to(dev), False)
@@ -532,25 +538,33 @@ def _moe_block(g, hidden, routing, routed, shared, int8, inter=24):
 
 
 @pytest.mark.parametrize("batch", [1, 5])
-def test_decode_layers(platform, batch):
+@pytest.mark.parametrize("precision", ["int8", "full"])
+def test_decode_layers(platform, batch, precision):
     """A decode step's whole stack of layers in the platform's own form equals its layer hooks in
     turn (Platform.decode_layers' composition): a dense MLP layer, a routed one with shared experts
     and narrow absorbed weights, and one with full-precision experts; outputs and every latent
-    written."""
+    written. int8 projections and fp32 caches, or full-precision ones (fp32 and bf16 projections
+    and experts) over bf16 caches."""
     g = torch.Generator().manual_seed(23)
     hidden, rope, rank, bs = 96, 8, 32, 4
+    int8 = precision == "int8"
     blocks = [
-        _moe_block(g, hidden, None, 0, 1, int8=True),
-        _moe_block(g, hidden, ROUTINGS[2], 8, 2, int8=True),
+        _moe_block(g, hidden, None, 0, 1, int8=int8),
+        _moe_block(g, hidden, ROUTINGS[2], 8, 2, int8=int8),
         _moe_block(g, hidden, ROUTINGS[0], 8, 0, int8=False),
     ]
+    if not int8:
+        blocks[1] = dataclasses.replace(blocks[1], w13=blocks[1].w13.bfloat16(), w2=blocks[1].w2.bfloat16())
+    weights = ["int8"] * 3 if int8 else ["fp32", "bf16", "fp32"]
     dev = platform.device
     stack = ops.DecodeStack(tuple(
-        ops.DecodeLayer(_mla_decode_bundle(g, platform, narrow=i == 1), _on_device(block, dev)) for i, block in enumerate(blocks)
+        ops.DecodeLayer(_mla_decode_bundle(g, platform, narrow=i == 1, weights=weights[i]), _on_device(block, dev))
+        for i, block in enumerate(blocks)
     ))
     h = torch.randn(batch, hidden, generator=g).to(dev)
     cache, tables, seq_lens, slots, angles = _decode_batch(g, batch, bs, 12, rank + rope, rope)
-    caches = [cache.to(dev)] + [torch.randn(cache.shape, generator=g).to(dev) for _ in blocks[1:]]
+    cache = cache.to(torch.float32 if int8 else torch.bfloat16)
+    caches = [cache.to(dev)] + [torch.randn(cache.shape, generator=g).to(cache.dtype).to(dev) for _ in blocks[1:]]
     tables, seq_lens, slots = tables.to(dev), seq_lens.to(dev), slots.to(dev)
     args = (angles.cos().to(dev), angles.sin().to(dev), False)
     fused, composed = [c.clone() for c in caches], [c.clone() for c in caches]

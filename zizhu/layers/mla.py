@@ -72,17 +72,22 @@ class MLAttention(nn.Module):
         self.w_uv = self.platform.prepare_absorbed(w[:, self.nope_dim :].float().contiguous())
 
     def prepare_decode_layer(self, input_norm: RMSNorm) -> None:
-        """With a q LoRA and every projection int8 (and no bias), bundle the weights a decode step
-        reads, so that decode-only steps run the whole layer as one platform call
-        (`Platform.mla_decode_layer`)."""
+        """With a q LoRA and the projections all int8 or all full precision (and no bias), bundle
+        the weights a decode step reads, so that decode-only steps run the whole layer as one
+        platform call (`Platform.mla_decode_layer`)."""
         projections = [getattr(self, name, None) for name in ("q_kv_a_proj", "q_b_proj", "o_proj")]
-        if not self.q_lora_rank or not all(isinstance(p, Int8Linear) and p.bias is None for p in projections):
+        if not self.q_lora_rank or any(p is None or p.bias is not None for p in projections):
             return
-        q_kv_a, q_b, o = projections
+        if all(isinstance(p, Int8Linear) for p in projections):
+            (q_kv_a, q_kv_a_scale), (q_b, q_b_scale), (o, o_scale) = [(p.qweight, p.scale) for p in projections]
+        elif all(type(p) is Linear and isinstance(p.weight, torch.Tensor) for p in projections):
+            (q_kv_a, q_kv_a_scale), (q_b, q_b_scale), (o, o_scale) = [(p.weight, None) for p in projections]
+        else:
+            return
         self.decode_layer = MLADecodeLayer(
-            input_norm.weight, input_norm.eps, q_kv_a.qweight, q_kv_a.scale, self.q_a_layernorm.weight,
-            self.q_a_layernorm.eps, q_b.qweight, q_b.scale, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
-            self.w_uk, self.w_uv, o.qweight, o.scale, self.num_heads, self.nope_dim, self.rope_dim, self.v_dim, self.scale,
+            input_norm.weight, input_norm.eps, q_kv_a, q_kv_a_scale, self.q_a_layernorm.weight,
+            self.q_a_layernorm.eps, q_b, q_b_scale, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps,
+            self.w_uk, self.w_uv, o, o_scale, self.num_heads, self.nope_dim, self.rope_dim, self.v_dim, self.scale,
         )
 
     def forward(

@@ -21,13 +21,25 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden, inter, dtype, platform)
         self.up_proj = Linear(hidden, inter, dtype, platform)
         self.down_proj = Linear(inter, hidden, dtype, platform)
+        self.w13: torch.Tensor | None = None  # [1, 2 * inter, hidden], gate then up: decode_block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def decode_block(self, norm: RMSNorm) -> ops.MoEBlock | None:
-        """Three projections, not one platform call (Int8MLP is one)."""
-        return None
+        """This MLP behind `norm`, for `Platform.decode_layers`: one shared expert, no router (as
+        Int8MLP's). Gate and up are stacked into one w13 on the first call, and the two projections'
+        weights become views of it, so the values are held once."""
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if any(type(p) is not Linear or not isinstance(p.weight, torch.Tensor) or p.bias is not None for p in projections):
+            return None
+        if self.w13 is None:
+            gate, up = self.gate_proj, self.up_proj
+            w13 = torch.cat([gate.weight, up.weight])
+            gate.weight = nn.Parameter(w13[: gate.out_features], requires_grad=False)
+            up.weight = nn.Parameter(w13[gate.out_features :], requires_grad=False)
+            self.w13 = w13[None]
+        return ops.MoEBlock(norm.weight, norm.eps, None, None, None, 1, self.w13, self.down_proj.weight[None], None, None)
 
 
 class Router(nn.Module):

@@ -145,24 +145,24 @@ def mla_prefill(
 @dataclass(frozen=True, eq=False)
 class MLADecodeLayer:
     """The weights one MLA layer's decode reads, for `Platform.mla_decode_layer`: checkpoints with a
-    q LoRA, every projection int8 with per-row scales (the CPU fast path). The tensors are the
-    model's own, not copies, and fixed once built, so a platform may check a bundle once (it
-    compares and hashes by identity)."""
+    q LoRA, the projections either all int8 with per-row scales or all full precision (the model's
+    dtype; scales None). The tensors are the model's own, not copies, and fixed once built, so a
+    platform may check a bundle once (it compares and hashes by identity)."""
 
     input_norm: torch.Tensor  # [D], the decoder layer's input RMSNorm
     input_eps: float
-    q_kv_a: torch.Tensor  # int8 [q_lora + R + P, D]: q_a_proj and kv_a_proj_with_mqa fused
-    q_kv_a_scale: torch.Tensor
+    q_kv_a: torch.Tensor  # [q_lora + R + P, D], int8 or full precision: q_a_proj and kv_a_proj_with_mqa fused
+    q_kv_a_scale: torch.Tensor | None  # int8: per-row scales; None: full precision
     q_a_norm: torch.Tensor  # [q_lora]
     q_a_eps: float
-    q_b: torch.Tensor  # int8 [H * (D_nope + P), q_lora]
-    q_b_scale: torch.Tensor
+    q_b: torch.Tensor  # [H * (D_nope + P), q_lora]
+    q_b_scale: torch.Tensor | None
     kv_a_norm: torch.Tensor  # [R]
     kv_a_eps: float
     w_uk: torch.Tensor  # [H, D_nope, R], fp32 or as Platform.prepare_absorbed left it
     w_uv: torch.Tensor  # [H, D_v, R]
-    o: torch.Tensor  # int8 [D, H * D_v]
-    o_scale: torch.Tensor
+    o: torch.Tensor  # [D, H * D_v]
+    o_scale: torch.Tensor | None
     num_heads: int
     nope_dim: int
     rope_dim: int

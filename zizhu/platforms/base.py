@@ -137,12 +137,12 @@ class Platform:
         self, h, layer: ops.MLADecodeLayer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens
     ) -> torch.Tensor:
         """`h + o_proj(attention(input_norm(h)))` for one new token per sequence `h [B, D]`: a whole
-        MLA layer of a decode step with int8 projections (the latent written to `cache` as
-        `mla_write_latent` does). By default the hooks above in turn; a platform may run it as one
+        MLA layer of a decode step, int8 or full-precision projections (the latent written to `cache`
+        as `mla_write_latent` does). By default the hooks above in turn; a platform may run it as one
         call, which at batch 1 saves more than any of its kernels."""
         tokens, ql = h.shape[0], layer.q_lora_rank
-        q_kv_a = self.rms_norm_int8_linear(h, layer.input_norm, layer.input_eps, layer.q_kv_a, layer.q_kv_a_scale)
-        q = self.rms_norm_int8_linear(q_kv_a[:, :ql], layer.q_a_norm, layer.q_a_eps, layer.q_b, layer.q_b_scale)
+        q_kv_a = self._project(h, layer.q_kv_a, layer.q_kv_a_scale, layer.input_norm, layer.input_eps)
+        q = self._project(q_kv_a[:, :ql], layer.q_b, layer.q_b_scale, layer.q_a_norm, layer.q_a_eps)
         q = q.view(tokens, layer.num_heads, layer.nope_dim + layer.rope_dim)
         self.mla_write_latent(
             q, q_kv_a[:, ql:], layer.kv_a_norm, layer.kv_a_eps, cos, sin, interleaved, cache, slot_mapping
@@ -151,7 +151,15 @@ class Platform:
             q[..., : layer.nope_dim], q[..., layer.nope_dim :], layer.w_uk, layer.w_uv, cache, block_tables, seq_lens,
             layer.scale,
         )
-        return h + self.int8_linear(out.to(h.dtype).reshape(tokens, -1), layer.o, layer.o_scale)
+        return h + self._project(out.to(h.dtype).reshape(tokens, -1), layer.o, layer.o_scale)
+
+    def _project(self, x, weight, scale, norm=None, eps=0.0) -> torch.Tensor:
+        """`norm(x) @ weight^T` for a decode bundle's projection: int8 with `scale`, or full precision."""
+        if scale is not None:
+            if norm is None:
+                return self.int8_linear(x, weight, scale)
+            return self.rms_norm_int8_linear(x, norm, eps, weight, scale)
+        return self.linear(x if norm is None else self.rms_norm(x, norm, eps), weight)
 
     def moe_block(self, h: torch.Tensor, block: ops.MoEBlock) -> torch.Tensor:
         """`h + FFN(norm(h))` for a decoder layer's feed-forward bundle: `route_and_run_experts`, or

@@ -185,14 +185,19 @@ class CpuPlatform(Platform):
             return cpu_kernels.mla_decode(lib, q_nope.float(), q_pe.float(), w_uk, w_uv, cache, block_tables, seq_lens, scale)
         return super().mla_decode(q_nope, q_pe, w_uk, w_uv, cache, block_tables, seq_lens, scale)
 
+    # Decode rows up to which a full-precision layer or stack runs natively: beyond, MKL's GEMM takes
+    # the projections (see linear).
+    full_precision_rows = 32
+
     def mla_decode_layer(self, h, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens):
         lib = cpu_kernels.load()
         f32 = torch.float32
         if (
             lib is not None
             and self._native_layer(layer)
-            and h.dtype == cache.dtype == cos.dtype == sin.dtype == f32 and h.dim() == 2 and h.is_contiguous()
-            and cache.is_contiguous()
+            and (layer.o_scale is not None or h.shape[0] <= self.full_precision_rows)
+            and h.dtype == cos.dtype == sin.dtype == f32 and cache.dtype in cpu_kernels.WEIGHT_DTYPES
+            and h.dim() == 2 and h.is_contiguous() and cache.is_contiguous()
             and slot_mapping.dtype == block_tables.dtype == seq_lens.dtype == torch.int64
         ):
             return cpu_kernels.mla_decode_layer(lib, h, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens)
@@ -204,8 +209,10 @@ class CpuPlatform(Platform):
         f32 = torch.float32
         if (
             table is not None
+            and (stack.layers[0].attention.o_scale is not None or h.shape[0] <= self.full_precision_rows)
             and h.dtype == cos.dtype == sin.dtype == f32 and h.dim() == 2 and h.is_contiguous()
-            and all(c.dtype == f32 and c.is_contiguous() for c in caches)
+            and caches[0].dtype in cpu_kernels.WEIGHT_DTYPES
+            and all(c.dtype == caches[0].dtype and c.is_contiguous() for c in caches)
             and slot_mapping.dtype == block_tables.dtype == seq_lens.dtype == torch.int64
         ):
             return cpu_kernels.decode_stack(lib, h, table, cos, sin, interleaved, caches, slot_mapping, block_tables, seq_lens)
@@ -232,7 +239,6 @@ class CpuPlatform(Platform):
             routed
             and (block.router is not None or block.num_shared > 0)
             and self._native_experts(lib, block.norm, block.w13, block.w2, block.w13_scale, block.w2_scale)
-            and block.w13.dtype != torch.bfloat16  # decode_stack.c's table holds int8 or fp32 experts
             and block.norm.dtype == f32 and block.norm.is_contiguous()
             and (block.w13_scale is None or (block.w13_scale.is_contiguous() and block.w2_scale.is_contiguous()))
         )
@@ -245,10 +251,18 @@ class CpuPlatform(Platform):
         native = self._native_layers.get(layer)
         if native is None:
             f32 = torch.float32
+            projections = (layer.q_kv_a, layer.q_b, layer.o)
+            scales = (layer.q_kv_a_scale, layer.q_b_scale, layer.o_scale)
+            if all(s is None for s in scales):  # full precision: one dtype the fp32 kernels read
+                weights_ok = projections[0].dtype in cpu_kernels.WEIGHT_DTYPES and all(
+                    p.dtype == projections[0].dtype for p in projections)
+            else:
+                weights_ok = all(p.dtype == torch.int8 for p in projections) and all(
+                    s is not None and s.dtype == f32 and s.is_contiguous() for s in scales)
             native = self._native_layers[layer] = (
-                all(t.dtype == f32 and t.is_contiguous() for t in (
-                    layer.input_norm, layer.q_a_norm, layer.kv_a_norm, layer.q_kv_a_scale, layer.q_b_scale, layer.o_scale))
-                and all(t.dtype == torch.int8 and t.is_contiguous() for t in (layer.q_kv_a, layer.q_b, layer.o))
+                weights_ok
+                and all(p.is_contiguous() for p in projections)
+                and all(t.dtype == f32 and t.is_contiguous() for t in (layer.input_norm, layer.q_a_norm, layer.kv_a_norm))
                 and layer.w_uk.dtype == layer.w_uv.dtype and layer.w_uk.dtype in (f32, torch.bfloat16)
                 and layer.w_uk.is_contiguous() and layer.w_uv.is_contiguous()
             )

@@ -90,18 +90,19 @@ def load() -> ctypes.CDLL | None:
         + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 4
         + [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
     )
-    lib.mla_decode_layer_i8.restype = None
-    lib.mla_decode_layer_i8.argtypes = (
+    lib.mla_decode_layer_f32.restype = None
+    lib.mla_decode_layer_f32.argtypes = (
         [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_float]
         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2
         + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 2
-        + [ctypes.c_int64] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3
-        + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        + [ctypes.c_int] + [ctypes.c_int64] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+        + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     )
     lib.decode_stack_f32.restype = None
     lib.decode_stack_f32.argtypes = (
         [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
-        + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2
+        + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     )
     lib.argmax_rows_f32.restype = None
     lib.argmax_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
@@ -253,22 +254,23 @@ def mla_decode(
 
 
 def mla_decode_layer(lib: ctypes.CDLL, h: torch.Tensor, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens) -> torch.Tensor:
-    """`Platform.mla_decode_layer` in one native call (mla_layer.c): `h [B, D]` contiguous fp32."""
+    """`Platform.mla_decode_layer` in one native call (mla_layer.c): `h [B, D]` contiguous fp32, the
+    projections int8 or full precision (fp32 or bf16), the cache fp32 or bf16."""
     tokens, hidden = h.shape
     rank = layer.kv_a_norm.shape[0]
     cos, sin, slots = cos.contiguous(), sin.contiguous(), slot_mapping.contiguous()
     tables, lens = block_tables.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(h)
-    lib.mla_decode_layer_i8(
+    lib.mla_decode_layer_f32(
         h.data_ptr(), out.data_ptr(), tokens, hidden, layer.input_norm.data_ptr(), layer.input_eps,
-        layer.q_kv_a.data_ptr(), layer.q_kv_a_scale.data_ptr(), layer.q_lora_rank,
-        layer.q_a_norm.data_ptr(), layer.q_a_eps, layer.q_b.data_ptr(), layer.q_b_scale.data_ptr(),
+        layer.q_kv_a.data_ptr(), _ptr(layer.q_kv_a_scale), layer.q_lora_rank,
+        layer.q_a_norm.data_ptr(), layer.q_a_eps, layer.q_b.data_ptr(), _ptr(layer.q_b_scale),
         layer.kv_a_norm.data_ptr(), layer.kv_a_eps,
         layer.w_uk.data_ptr(), layer.w_uv.data_ptr(), int(layer.w_uk.dtype == torch.bfloat16),
-        layer.o.data_ptr(), layer.o_scale.data_ptr(),
+        layer.o.data_ptr(), _ptr(layer.o_scale), int(layer.o.dtype == torch.bfloat16),
         layer.num_heads, layer.nope_dim, layer.rope_dim, layer.v_dim, rank, layer.scale,
-        cos.data_ptr(), sin.data_ptr(), int(interleaved), cache.data_ptr(), slots.data_ptr(),
-        tables.data_ptr(), tables.stride(0), lens.data_ptr(), cache.shape[1], torch.get_num_threads(),
+        cos.data_ptr(), sin.data_ptr(), int(interleaved), cache.data_ptr(), int(cache.dtype == torch.bfloat16),
+        slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), cache.shape[1], torch.get_num_threads(),
     )
     return out
 
@@ -354,7 +356,7 @@ class DecodeLayerArgs(ctypes.Structure):
         ("q_b", ctypes.c_void_p), ("q_b_scale", ctypes.c_void_p),
         ("kv_a_norm", ctypes.c_void_p), ("kv_a_eps", ctypes.c_float),
         ("w_uk", ctypes.c_void_p), ("w_uv", ctypes.c_void_p), ("w_bf16", ctypes.c_int),
-        ("o", ctypes.c_void_p), ("o_scale", ctypes.c_void_p),
+        ("o", ctypes.c_void_p), ("o_scale", ctypes.c_void_p), ("proj_bf16", ctypes.c_int),
         ("heads", ctypes.c_int64), ("nope", ctypes.c_int64), ("rope", ctypes.c_int64), ("v_dim", ctypes.c_int64),
         ("rank", ctypes.c_int64), ("scale", ctypes.c_float),
         ("ffn_norm", ctypes.c_void_p), ("ffn_eps", ctypes.c_float),
@@ -363,7 +365,7 @@ class DecodeLayerArgs(ctypes.Structure):
         ("n_group", ctypes.c_int64), ("topk_group", ctypes.c_int64), ("top_k", ctypes.c_int64),
         ("norm_topk", ctypes.c_int), ("scaling", ctypes.c_float), ("shared", ctypes.c_int64),
         ("w13", ctypes.c_void_p), ("s13", ctypes.c_void_p), ("w2", ctypes.c_void_p), ("s2", ctypes.c_void_p),
-        ("inter", ctypes.c_int64),
+        ("experts_bf16", ctypes.c_int), ("inter", ctypes.c_int64),
     ]
 
 
@@ -386,10 +388,12 @@ def decode_stack_table(stack) -> ctypes.Array:
             _ptr(a.input_norm), a.input_eps, _ptr(a.q_kv_a), _ptr(a.q_kv_a_scale), a.q_lora_rank,
             _ptr(a.q_a_norm), a.q_a_eps, _ptr(a.q_b), _ptr(a.q_b_scale), _ptr(a.kv_a_norm), a.kv_a_eps,
             _ptr(a.w_uk), _ptr(a.w_uv), int(a.w_uk.dtype == torch.bfloat16), _ptr(a.o), _ptr(a.o_scale),
+            int(a.o.dtype == torch.bfloat16),
             a.num_heads, a.nope_dim, a.rope_dim, a.v_dim, a.kv_a_norm.shape[0], a.scale,
             _ptr(f.norm), f.eps, _ptr(f.router), _ptr(f.bias), 0 if f.router is None else f.router.shape[0],
             SCORING[r.scoring], METHODS[r.method], r.n_group, r.topk_group, r.top_k, int(r.norm_topk_prob), r.scaling,
-            f.num_shared, _ptr(f.w13), _ptr(f.w13_scale), _ptr(f.w2), _ptr(f.w2_scale), f.w13.shape[1] // 2,
+            f.num_shared, _ptr(f.w13), _ptr(f.w13_scale), _ptr(f.w2), _ptr(f.w2_scale), int(f.w13.dtype == torch.bfloat16),
+            f.w13.shape[1] // 2,
         ))
     return (DecodeLayerArgs * len(rows))(*rows)
 
@@ -403,7 +407,7 @@ def decode_stack(lib: ctypes.CDLL, h: torch.Tensor, table: ctypes.Array, cos, si
     out = torch.empty_like(h)
     lib.decode_stack_f32(
         table, len(table), h.data_ptr(), out.data_ptr(), tokens, hidden, cos.data_ptr(), sin.data_ptr(), int(interleaved),
-        cache_ptrs, slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), caches[0].shape[1],
+        cache_ptrs, int(caches[0].dtype == torch.bfloat16), slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), caches[0].shape[1],
         torch.get_num_threads(),
     )
     return out

@@ -19,20 +19,21 @@
 typedef struct {
     const float* input_norm;
     float input_eps;
-    const int8_t* q_kv_a;
-    const float* q_kv_a_scale;
+    const void* q_kv_a;
+    const float* q_kv_a_scale; /* NULL: fp32 or (proj_bf16) bf16 projections */
     int64_t q_lora;
     const float* q_a_norm;
     float q_a_eps;
-    const int8_t* q_b;
+    const void* q_b;
     const float* q_b_scale;
     const float* kv_a_norm;
     float kv_a_eps;
     const void* w_uk;
     const void* w_uv;
     int w_bf16;
-    const int8_t* o;
+    const void* o;
     const float* o_scale;
+    int proj_bf16;
     int64_t heads, nope, rope, v_dim, rank;
     float scale;
     const float* ffn_norm;
@@ -46,29 +47,30 @@ typedef struct {
     float scaling;
     int64_t shared;
     const void* w13;
-    const float* s13;
+    const float* s13; /* NULL: fp32 or (experts_bf16) bf16 experts */
     const void* w2;
     const float* s2;
+    int experts_bf16;
     int64_t inter;
 } DecodeLayer;
 
 /* h, out [B, D]: out = the hidden rows after every layer; caches[l] is layer l's paged latent cache. */
 void decode_stack_f32(const DecodeLayer* layers, int64_t L, const float* h, float* out, int64_t B, int64_t D,
-                      const float* cos, const float* sin, int interleaved, float* const* caches,
+                      const float* cos, const float* sin, int interleaved, void* const* caches, int cache_bf16,
                       const int64_t* slots, const int64_t* tables, int64_t table_stride, const int64_t* seq_lens,
                       int64_t block_size, int threads) {
     float* attended = malloc(sizeof(float) * (B * D + 1));
     if (L == 0) memcpy(out, h, sizeof(float) * B * D);
     for (int64_t l = 0; l < L; l++) {
         const DecodeLayer* y = layers + l;
-        mla_decode_layer_i8(l == 0 ? h : out, attended, B, D, y->input_norm, y->input_eps, y->q_kv_a, y->q_kv_a_scale,
-                            y->q_lora, y->q_a_norm, y->q_a_eps, y->q_b, y->q_b_scale, y->kv_a_norm, y->kv_a_eps,
-                            y->w_uk, y->w_uv, y->w_bf16, y->o, y->o_scale, y->heads, y->nope, y->rope, y->v_dim,
-                            y->rank, y->scale, cos, sin, interleaved, caches[l], slots, tables, table_stride,
-                            seq_lens, block_size, threads);
+        mla_decode_layer_f32(l == 0 ? h : out, attended, B, D, y->input_norm, y->input_eps, y->q_kv_a,
+                             y->q_kv_a_scale, y->q_lora, y->q_a_norm, y->q_a_eps, y->q_b, y->q_b_scale, y->kv_a_norm,
+                             y->kv_a_eps, y->w_uk, y->w_uv, y->w_bf16, y->o, y->o_scale, y->proj_bf16, y->heads,
+                             y->nope, y->rope, y->v_dim, y->rank, y->scale, cos, sin, interleaved, caches[l],
+                             cache_bf16, slots, tables, table_stride, seq_lens, block_size, threads);
         moe_routed_f32(attended, out, B, D, y->ffn_norm, y->ffn_eps, 1, y->router, y->bias, y->experts, y->scoring,
                        y->method, y->n_group, y->topk_group, y->top_k, y->norm_topk, y->scaling, y->shared, y->w13,
-                       y->s13, y->w2, y->s2, 0, y->inter, threads);
+                       y->s13, y->w2, y->s2, y->experts_bf16, y->inter, threads);
     }
     free(attended);
 }

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "gemm.h"
 #include "gemm_int8.h"
 #include "gemm_packed.h"
 #include "simd.h"
