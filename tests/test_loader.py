@@ -86,12 +86,17 @@ def test_bf16_checkpoint(tiny_checkpoints, tmp_path):
 
 def test_shared_experts_fold_into_routed_experts(tiny_checkpoints):
     """In fp32 the shared MLP becomes n_shared_experts always-chosen stacked experts (the HF-parity
-    tests check the outputs); in bf16 it stays a separate MLP."""
+    tests check the outputs); in bf16 only where the platform sums experts in fp32 (the CPU's native
+    kernels do), never by the reference rule, which rounds each expert's output to bf16."""
     from zizhu.layers.moe import MoE
+    from zizhu.platforms import Platform, cpu_kernels
 
     path, _ = tiny_checkpoints["tiny_deepseek_v2"]  # 16 routed, 2 shared experts
-    for dtype, folded in (("float32", True), ("bfloat16", False)):
+    assert not Platform.folds_shared_experts(None, torch.bfloat16) and Platform.folds_shared_experts(None, torch.float32)
+    native = cpu_kernels.load() is not None
+    for dtype, folded in (("float32", True), ("bfloat16", native)):
         model = LLM(path, dtype=dtype, kv_cache_memory=1 << 20).engine.model
+        assert model.platform.folds_shared_experts(getattr(torch, dtype)) == folded
         moes = [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, MoE)]
         assert moes
         for moe in moes:

@@ -66,7 +66,7 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """All routed experts of a layer as two stacked tensors, so a platform can run them grouped
-    (and, in fp32, the shared experts after them: MoE.fold_shared_experts)."""
+    (and, where the platform sums experts in fp32, the shared ones after them: MoE.fold_shared_experts)."""
 
     def __init__(self, num_experts: int, hidden: int, inter: int, dtype: torch.dtype):
         super().__init__()
@@ -93,10 +93,11 @@ class MoE(nn.Module):
         so one grouped call per layer runs both and decode pays one dispatch and one pass of thread
         barriers instead of two. A SwiGLU MLP of width n x I is exactly the sum of n experts of
         width I, each a slice of its intermediate dimension: a checkpoint's shared MLP becomes
-        n_shared_experts stacked experts. fp32 weights only: in bf16 each slice's down-projection
-        would be rounded on its own before the sum, which moved greedy tokens in the tests."""
+        n_shared_experts stacked experts. Only where the platform sums experts in fp32
+        (`Platform.folds_shared_experts`): rounding each slice's down-projection to bf16 before the
+        sum moved greedy tokens in the tests."""
         mlp = self.shared_experts
-        if mlp is None or self.experts.w13.dtype != torch.float32:
+        if mlp is None or not self.platform.folds_shared_experts(self.experts.w13.dtype):
             return
         inter, hidden = self.experts.inter, mlp.down_proj.weight.shape[0]
         n = mlp.gate_proj.weight.shape[0] // inter

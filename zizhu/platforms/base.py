@@ -118,6 +118,13 @@ class Platform:
         loses nothing. Default: as is."""
         return weight
 
+    def folds_shared_experts(self, dtype: torch.dtype) -> bool:
+        """Whether a model in `dtype` should stack its shared experts after the routed ones
+        (MoE.fold_shared_experts), which is exact only where `moe_experts` sums the experts' outputs
+        in fp32. The reference rounds each expert's output to the model's dtype before the sum, so a
+        shared MLP split into slices would be rounded slice by slice: fp32 only, by default."""
+        return dtype == torch.float32
+
     def mla_write_latent(self, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping) -> None:
         """Normalise c_kv, rotate k_pe and q's rope dims (in place), store the latent (see
         `ops.mla_write_latent`); by default through this platform's rms_norm and write_kv_cache."""

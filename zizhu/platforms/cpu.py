@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -203,32 +204,57 @@ class CpuPlatform(Platform):
             return cpu_kernels.mla_decode_layer(lib, h, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens)
         return super().mla_decode_layer(h, layer, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens)
 
+    def folds_shared_experts(self, dtype: torch.dtype) -> bool:
+        # moe_f32 sums every expert's output in fp32 and rounds once, whatever the weights' dtype
+        return dtype in cpu_kernels.WEIGHT_DTYPES and cpu_kernels.load() is not None
+
     def decode_layers(self, h, stack, cos, sin, interleaved, caches, slot_mapping, block_tables, seq_lens):
         lib = cpu_kernels.load()
         table = self._native_stack(lib, stack) if lib is not None else None
-        f32 = torch.float32
+        full = cpu_kernels.WEIGHT_DTYPES
         if (
             table is not None
             and (stack.layers[0].attention.o_scale is not None or h.shape[0] <= self.full_precision_rows)
-            and h.dtype == cos.dtype == sin.dtype == f32 and h.dim() == 2 and h.is_contiguous()
-            and caches[0].dtype in cpu_kernels.WEIGHT_DTYPES
-            and all(c.dtype == caches[0].dtype and c.is_contiguous() for c in caches)
+            and h.dtype in full and cos.dtype in full and sin.dtype in full and h.dim() == 2
+            and caches[0].dtype in full and all(c.dtype == caches[0].dtype and c.is_contiguous() for c in caches)
             and slot_mapping.dtype == block_tables.dtype == seq_lens.dtype == torch.int64
         ):
-            return cpu_kernels.decode_stack(lib, h, table, cos, sin, interleaved, caches, slot_mapping, block_tables, seq_lens)
+            # a bf16 model's rows go through every layer in fp32 and are rounded once, at the end
+            out = cpu_kernels.decode_stack(
+                lib, h.float().contiguous(), table, cos.float(), sin.float(), interleaved, caches, slot_mapping,
+                block_tables, seq_lens,
+            )
+            return out.to(h.dtype)
         return super().decode_layers(h, stack, cos, sin, interleaved, caches, slot_mapping, block_tables, seq_lens)
 
-    # DecodeStack -> decode_stack.c's argument table, or None where a layer is not one it runs: built
-    # on a stack's first step (its tensors never move), so a step passes one pointer for all layers.
+    # DecodeStack -> (decode_stack.c's argument table, the bundles it points into), or None where a
+    # layer is not one it runs: built on a stack's first step (its tensors never move), so a step
+    # passes one pointer for all layers.
     _native_stacks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _native_stack(self, lib, stack):
         if stack not in self._native_stacks:
-            native = all(
-                self._native_layer(layer.attention) and self._native_block(lib, layer.ffn) for layer in stack.layers
-            )
-            self._native_stacks[stack] = cpu_kernels.decode_stack_table(stack) if native and stack.layers else None
-        return self._native_stacks[stack]
+            layers = tuple(self._fp32_norms(layer) for layer in stack.layers)
+            native = all(self._native_layer(layer.attention) and self._native_block(lib, layer.ffn) for layer in layers)
+            table = cpu_kernels.decode_stack_table(ops.DecodeStack(layers)) if native and layers else None
+            self._native_stacks[stack] = None if table is None else (table, layers)  # the table points into layers
+        entry = self._native_stacks[stack]
+        return None if entry is None else entry[0]
+
+    @staticmethod
+    def _fp32_norms(layer: ops.DecodeLayer) -> ops.DecodeLayer:
+        """The layer with fp32 copies of its norm weights where they are not (a bf16 model's): the
+        native stack normalises in fp32. A few KB per layer."""
+        attention, ffn = layer.attention, layer.ffn
+        norms = {name: getattr(attention, name).float() for name in ("input_norm", "q_a_norm", "kv_a_norm")
+                 if getattr(attention, name).dtype != torch.float32}
+        if not norms and ffn.norm.dtype == torch.float32:
+            return layer
+        if norms:
+            attention = dataclasses.replace(attention, **norms)
+        if ffn.norm.dtype != torch.float32:
+            ffn = dataclasses.replace(ffn, norm=ffn.norm.float())
+        return ops.DecodeLayer(attention, ffn)
 
     def _native_block(self, lib, block) -> bool:
         """Whether moe_routed_f32 runs this feed-forward bundle. The activations' dtype is checked
