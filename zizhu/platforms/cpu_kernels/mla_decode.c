@@ -1,4 +1,5 @@
-/* Weight-absorbed MLA decode over the paged latent cache, one new query token per sequence, fp32.
+/* Weight-absorbed MLA decode over the paged latent cache, one new query token per sequence, summed
+ * in fp32: the absorbed weights fp32 or bf16, the cached rows fp32 or bf16 (a bf16 model's).
  *
  * out[b, h] = W_UV[h] . softmax(scale * [W_UK[h]^T q_nope[b, h] | q_pe[b, h]] . rows^T) . c_kv rows
  *
@@ -249,7 +250,7 @@ static inline __attribute__((always_inline)) void decode(
                     const int four = B - b >= 4; /* four sequences at a time, then one */
                     for (int64_t v = v0; v < v1; v++) {
                         const int64_t row = (h * Dv + v) * R;
-                        const void* w = bf16 ? (const void*)((const uint16_t*)w_uv + row) : (const void*)((const float*)w_uv + row);
+                        const void* w = w_at(w_uv, row, bf16);
                         const float* a = o_lat + (b * H + h) * R;
                         float* y = out + (b * H + h) * Dv + v;
                         if (four) dots(a, H * R, 4, w, bf16, R, y, H * Dv);
