@@ -9,6 +9,7 @@ import time
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from zizhu import ops
 from zizhu.host_memory import back_with_huge_pages, keep_freed_memory
@@ -114,33 +115,25 @@ class CpuPlatform(Platform):
             out = cpu_kernels.linear_packed(lib, x.float(), weight)  # fp32; a bf16 model's rounded once
             return (out if bias is None else out + bias).to(x.dtype)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if weight.dtype == torch.bfloat16 and x.dtype in cpu_kernels.WEIGHT_DTYPES:
-            return self._bf16_linear(lib, x, weight, bias, rows)
         # Up to 32 rows the native kernel beats MKL's GEMM on the model's shapes (129,280 x 256 fp32:
         # 7.3 vs 14.7 ms at one row, 9.0 vs 35.4 at eight; 1.2-1.5x at 32 rows). Beyond that MKL's
         # blocking wins or ties on weights a cache can hold (64 x 256 x 1,024: 0.42 vs 0.49 ms), but a
         # vocabulary projection, which no cache holds, still streams faster natively (129,280 x 256:
         # 43 vs 67 ms at 48 rows, 58 vs 71 at 64).
-        if lib is not None and 0 < rows <= self._native_rows(weight) and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous():
+        max_rows = 64 if weight.numel() * weight.element_size() >= LARGE_WEIGHT_BYTES else 32
+        native = lib is not None and 0 < rows <= max_rows and weight.is_contiguous()
+        if weight.dtype == torch.bfloat16 and x.dtype in cpu_kernels.WEIGHT_DTYPES:
+            # A bf16 model's weight, summed in fp32 and rounded to x's dtype once, as a bf16 GEMM
+            # with fp32 accumulation does. Without native bf16 (AVX2, no AVX512-BF16 or AMX) torch
+            # emulates that GEMM, slower than fp32 (a small-model batch-1 step: 97 ms, see
+            # BENCHMARKS.md): the native kernel widens the weight by a shift instead, and many rows
+            # (a prefill) meet an fp32 copy of it in MKL's fp32 GEMM.
+            out = cpu_kernels.linear_f32(lib, x.float(), weight) if native else F.linear(x.float(), weight.float())
+            return (out if bias is None else out + bias).to(x.dtype)
+        if native and x.dtype == weight.dtype == torch.float32:
             out = cpu_kernels.linear_f32(lib, x, weight)
             return out if bias is None else out + bias
-        return torch.nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def _native_rows(weight: torch.Tensor) -> int:
-        return 64 if weight.numel() * weight.element_size() >= LARGE_WEIGHT_BYTES else 32
-
-    def _bf16_linear(self, lib, x, weight, bias, rows) -> torch.Tensor:
-        """A bf16 weight (a bf16 model's) times bf16 or fp32 rows, summed in fp32 and returned in x's
-        dtype, as a bf16 GEMM with fp32 accumulation rounds. Without native bf16 (AVX2, no AVX512-BF16
-        or AMX), torch emulates that GEMM, slower than fp32: the native kernel widens the weight by a
-        shift instead (a batch-1 step of the small benchmark model: 97 ms in torch's bf16, see
-        BENCHMARKS.md), and many rows (a prefill) meet an fp32 copy of it in MKL's fp32 GEMM."""
-        if lib is not None and 0 < rows <= self._native_rows(weight) and weight.is_contiguous():
-            out = cpu_kernels.linear_f32(lib, x.float(), weight)
-        else:
-            out = torch.nn.functional.linear(x.float(), weight.float())
-        return (out if bias is None else out + bias).to(x.dtype)
+        return F.linear(x, weight, bias)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         lib = cpu_kernels.load()

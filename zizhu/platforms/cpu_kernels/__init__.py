@@ -115,6 +115,11 @@ def load() -> ctypes.CDLL | None:
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _bf16(t: torch.Tensor) -> int:
+    """The kernels' type flag for a full-precision tensor: 1 for bf16, 0 for fp32."""
+    return int(t.dtype == torch.bfloat16)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """`x [..., K]` as `[M, K]` rows the kernels can walk: dense last dim, any row stride. (A 2-D
     input, all that decode passes, skips the reshape: each torch call costs microseconds here, and a
@@ -149,7 +154,7 @@ def linear_f32(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch
     x2, (n, k) = _rows(x), weight.shape
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     lib.gemm_f32(
-        x2.data_ptr(), weight.data_ptr(), int(weight.dtype == torch.bfloat16), y.data_ptr(), x2.shape[0], n, k,
+        x2.data_ptr(), weight.data_ptr(), _bf16(weight), y.data_ptr(), x2.shape[0], n, k,
         x2.stride(0), n, torch.get_num_threads(),
     )
     return _shaped(y, x)
@@ -179,7 +184,7 @@ def pack_weight(lib: ctypes.CDLL, weight: torch.Tensor) -> PackedWeight:
     afterwards."""
     n, k = weight.shape
     tail = torch.zeros(k, PANEL, dtype=weight.dtype)
-    lib.pack_panels(weight.data_ptr(), tail.data_ptr(), n, k, int(weight.dtype == torch.bfloat16), torch.get_num_threads())
+    lib.pack_panels(weight.data_ptr(), tail.data_ptr(), n, k, _bf16(weight), torch.get_num_threads())
     panels = weight.detach().view(-1)[: n // PANEL * PANEL * k].view(n // PANEL, k, PANEL)
     return PackedWeight(panels, tail, n, k)
 
@@ -190,7 +195,7 @@ def linear_packed(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight) -> to
     y = torch.empty(x2.shape[0], n, dtype=torch.float32)
     if x2.shape[0]:
         lib.gemm_f32_packed(
-            x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), int(weight.panels.dtype == torch.bfloat16),
+            x2.data_ptr(), weight.panels.data_ptr(), weight.tail.data_ptr(), _bf16(weight.panels),
             y.data_ptr(),
             x2.shape[0], n, weight.in_features, x2.stride(0), n, torch.get_num_threads(),
         )
@@ -215,7 +220,7 @@ def moe(
     lib.moe_f32(
         x.data_ptr(), out.data_ptr(), ids.data_ptr(), weights.data_ptr(), num_tokens, top_k, num_experts,
         w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
-        int(w13.dtype == torch.bfloat16), hidden, two_inter // 2, torch.get_num_threads(),
+        _bf16(w13), hidden, two_inter // 2, torch.get_num_threads(),
     )
     return out
 
@@ -245,8 +250,8 @@ def mla_decode(
     out = torch.empty(batch, heads, value, dtype=torch.float32)
     lib.mla_decode_f32(
         q_nope.data_ptr(), q_nope.stride(0), q_nope.stride(1), q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1),
-        w_uk.data_ptr(), w_uv.data_ptr(), int(w_uk.dtype == torch.bfloat16), cache.data_ptr(),
-        int(cache.dtype == torch.bfloat16), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
+        w_uk.data_ptr(), w_uv.data_ptr(), _bf16(w_uk), cache.data_ptr(),
+        _bf16(cache), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
         scratch.data_ptr(), scratch.data_ptr() + 4 * batch * heads * rank, out.data_ptr(),
         batch, heads, nope, value, rank, rope, cache.shape[1], scale, torch.get_num_threads(),
     )
@@ -266,10 +271,10 @@ def mla_decode_layer(lib: ctypes.CDLL, h: torch.Tensor, layer, cos, sin, interle
         layer.q_kv_a.data_ptr(), _ptr(layer.q_kv_a_scale), layer.q_lora_rank,
         layer.q_a_norm.data_ptr(), layer.q_a_eps, layer.q_b.data_ptr(), _ptr(layer.q_b_scale),
         layer.kv_a_norm.data_ptr(), layer.kv_a_eps,
-        layer.w_uk.data_ptr(), layer.w_uv.data_ptr(), int(layer.w_uk.dtype == torch.bfloat16),
-        layer.o.data_ptr(), _ptr(layer.o_scale), int(layer.o.dtype == torch.bfloat16),
+        layer.w_uk.data_ptr(), layer.w_uv.data_ptr(), _bf16(layer.w_uk),
+        layer.o.data_ptr(), _ptr(layer.o_scale), _bf16(layer.o),
         layer.num_heads, layer.nope_dim, layer.rope_dim, layer.v_dim, rank, layer.scale,
-        cos.data_ptr(), sin.data_ptr(), int(interleaved), cache.data_ptr(), int(cache.dtype == torch.bfloat16),
+        cos.data_ptr(), sin.data_ptr(), int(interleaved), cache.data_ptr(), _bf16(cache),
         slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), cache.shape[1], torch.get_num_threads(),
     )
     return out
@@ -285,7 +290,7 @@ def mla_write_latent(lib, q, kv_a, norm_weight, eps, cos, sin, interleaved, cach
     lib.mla_write_latent_f32(
         q.data_ptr(), q.stride(0), q.stride(1), heads, head_dim - rope, kv_a.data_ptr(), kv_a.stride(0),
         norm_weight.data_ptr(), eps, cos.data_ptr(), sin.data_ptr(), int(interleaved), cache.data_ptr(),
-        int(cache.dtype == torch.bfloat16), slots.data_ptr(), tokens, rank, rope, torch.get_num_threads(),
+        _bf16(cache), slots.data_ptr(), tokens, rank, rope, torch.get_num_threads(),
     )
 
 
@@ -326,7 +331,7 @@ def moe_routed(
         router.shape[0], SCORING[routing.scoring], METHODS[routing.method], routing.n_group, routing.topk_group,
         routing.top_k, int(routing.norm_topk_prob), routing.scaling, num_shared,
         w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
-        int(w13.dtype == torch.bfloat16), w13.shape[1] // 2, torch.get_num_threads(),
+        _bf16(w13), w13.shape[1] // 2, torch.get_num_threads(),
     )
     return out
 
@@ -387,12 +392,12 @@ def decode_stack_table(stack) -> ctypes.Array:
         rows.append(DecodeLayerArgs(
             _ptr(a.input_norm), a.input_eps, _ptr(a.q_kv_a), _ptr(a.q_kv_a_scale), a.q_lora_rank,
             _ptr(a.q_a_norm), a.q_a_eps, _ptr(a.q_b), _ptr(a.q_b_scale), _ptr(a.kv_a_norm), a.kv_a_eps,
-            _ptr(a.w_uk), _ptr(a.w_uv), int(a.w_uk.dtype == torch.bfloat16), _ptr(a.o), _ptr(a.o_scale),
-            int(a.o.dtype == torch.bfloat16),
+            _ptr(a.w_uk), _ptr(a.w_uv), _bf16(a.w_uk), _ptr(a.o), _ptr(a.o_scale),
+            _bf16(a.o),
             a.num_heads, a.nope_dim, a.rope_dim, a.v_dim, a.kv_a_norm.shape[0], a.scale,
             _ptr(f.norm), f.eps, _ptr(f.router), _ptr(f.bias), 0 if f.router is None else f.router.shape[0],
             SCORING[r.scoring], METHODS[r.method], r.n_group, r.topk_group, r.top_k, int(r.norm_topk_prob), r.scaling,
-            f.num_shared, _ptr(f.w13), _ptr(f.w13_scale), _ptr(f.w2), _ptr(f.w2_scale), int(f.w13.dtype == torch.bfloat16),
+            f.num_shared, _ptr(f.w13), _ptr(f.w13_scale), _ptr(f.w2), _ptr(f.w2_scale), _bf16(f.w13),
             f.w13.shape[1] // 2,
         ))
     return (DecodeLayerArgs * len(rows))(*rows)
@@ -407,7 +412,7 @@ def decode_stack(lib: ctypes.CDLL, h: torch.Tensor, table: ctypes.Array, cos, si
     out = torch.empty_like(h)
     lib.decode_stack_f32(
         table, len(table), h.data_ptr(), out.data_ptr(), tokens, hidden, cos.data_ptr(), sin.data_ptr(), int(interleaved),
-        cache_ptrs, int(caches[0].dtype == torch.bfloat16), slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), caches[0].shape[1],
+        cache_ptrs, _bf16(caches[0]), slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), caches[0].shape[1],
         torch.get_num_threads(),
     )
     return out
