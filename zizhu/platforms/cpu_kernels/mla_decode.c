@@ -87,30 +87,49 @@ static inline __attribute__((always_inline)) void scores4(const float* ql, int64
         }
 }
 
-/* Up to eight sums y_i[0..8) = sum_j c[i * cs + j] * x_j[0..8), x_j = src[j] + offset (fp32 or,
- * with cbf16, bf16 rows), in order of j from zero: the coefficients broadcast, the eight columns of
- * each x_j loaded once. */
-static inline __attribute__((always_inline)) void weighted8(const float* c, int64_t cs, const int count,
-                                                            const void* const* src, int64_t offset, const int cbf16,
-                                                            int64_t len, float* y, int64_t ys) {
-    __m256 acc[8];
-    for (int i = 0; i < count; i++) acc[i] = _mm256_setzero_ps();
+/* Sums y_i[8v..8v+8) = sum_j c[i * cs + j] * x_j[offset + 8v..offset + 8v + 8), x_j = src[j] (fp32 or,
+ * with cbf16, bf16 rows), for up to four i and three v, in order of j from zero: each loaded vector
+ * of x_j feeds four FMAs and each broadcast coefficient three (eight coefficients per vector of x_j
+ * needed nine loads per eight FMAs, and loads, not FMAs, set the pace on this CPU). */
+static inline __attribute__((always_inline)) void weighted_tile(const float* c, int64_t cs, const int nh,
+                                                                const void* const* src, int64_t offset, const int nv,
+                                                                const int cbf16, int64_t len, float* y, int64_t ys) {
+    __m256 acc[4][3];
+    for (int i = 0; i < nh; i++)
+        for (int v = 0; v < nv; v++) acc[i][v] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; j++) {
-        const __m256 v = load_w(src[j], offset, cbf16);
-        for (int i = 0; i < count; i++) acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(c[i * cs + j]), v, acc[i]);
+        __m256 x[3];
+        for (int v = 0; v < nv; v++) x[v] = load_w(src[j], offset + 8 * v, cbf16);
+        for (int i = 0; i < nh; i++) {
+            const __m256 p = _mm256_broadcast_ss(c + i * cs + j);
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm256_fmadd_ps(p, x[v], acc[i][v]);
+        }
     }
-    for (int i = 0; i < count; i++) _mm256_storeu_ps(y + i * ys, acc[i]);
+    for (int i = 0; i < nh; i++)
+        for (int v = 0; v < nv; v++) _mm256_storeu_ps(y + i * ys + 8 * v, acc[i][v]);
 }
 
-/* weighted8 for any number of sums: eights, then a four, two, one. */
+/* weighted_tile over `count` sums and the columns [0, R8) of every x_j, R8 a multiple of 8: four
+ * sums at a time, then one; 24 columns at a time, then 16 or 8. */
 static inline __attribute__((always_inline)) void weighted(const float* c, int64_t cs, int64_t count,
-                                                           const void* const* src, int64_t offset, const int cbf16,
+                                                           const void* const* src, int64_t R8, const int cbf16,
                                                            int64_t len, float* y, int64_t ys) {
-    int64_t i = 0;
-    for (; i + 8 <= count; i += 8) weighted8(c + i * cs, cs, 8, src, offset, cbf16, len, y + i * ys, ys);
-    if (count - i >= 4) { weighted8(c + i * cs, cs, 4, src, offset, cbf16, len, y + i * ys, ys); i += 4; }
-    if (count - i >= 2) { weighted8(c + i * cs, cs, 2, src, offset, cbf16, len, y + i * ys, ys); i += 2; }
-    if (count - i >= 1) weighted8(c + i * cs, cs, 1, src, offset, cbf16, len, y + i * ys, ys);
+    for (int64_t i = 0; i < count;) {
+        const int four = count - i >= 4;
+        for (int64_t r = 0; r < R8;) {
+            const int64_t left = R8 - r;
+            const float* ci = c + i * cs;
+            float* yi = y + i * ys + r;
+            if (four && left >= 24) weighted_tile(ci, cs, 4, src, r, 3, cbf16, len, yi, ys);
+            else if (four && left >= 16) weighted_tile(ci, cs, 4, src, r, 2, cbf16, len, yi, ys);
+            else if (four) weighted_tile(ci, cs, 4, src, r, 1, cbf16, len, yi, ys);
+            else if (left >= 24) weighted_tile(ci, cs, 1, src, r, 3, cbf16, len, yi, ys);
+            else if (left >= 16) weighted_tile(ci, cs, 1, src, r, 2, cbf16, len, yi, ys);
+            else weighted_tile(ci, cs, 1, src, r, 1, cbf16, len, yi, ys);
+            r += left >= 24 ? 24 : left >= 16 ? 16 : 8;
+        }
+        i += four ? 4 : 1;
+    }
 }
 
 /* The absorbed query of one row: y = sum_n q[n] * W[n], the running sums kept in y (in L1) rather
@@ -223,11 +242,11 @@ static inline __attribute__((always_inline)) void attend(int64_t b, int64_t h0, 
         }
     }
     for (int64_t i = 0; i < nh; i++) softmax(scores + i * len, len);
-    /* o[i] = sum_j p[i, j] * c_kv_j: eight columns at a time, the heads' sums in registers */
+    /* o[i] = sum_j p[i, j] * c_kv_j, the heads' sums in registers */
     float* o = o_lat + (b * H + h0) * R;
-    int64_t r = 0;
-    for (; r + 8 <= R; r += 8) weighted(scores, len, nh, rows, r, cbf16, len, o + r, R);
-    for (; r < R; r++)
+    const int64_t R8 = R & ~(int64_t)7;
+    weighted(scores, len, nh, rows, R8, cbf16, len, o, R);
+    for (int64_t r = R8; r < R; r++)
         for (int64_t i = 0; i < nh; i++) {
             float t = 0.0f;
             for (int64_t j = 0; j < len; j++) t += scores[i * len + j] * scalar_w(rows[j], r, cbf16);
