@@ -111,6 +111,21 @@ def test_mla_prefill_grouped(platform, num_q, length):
         torch.testing.assert_close(got[i], one, atol=1e-5, rtol=1e-5)
 
 
+def test_mla_prefill_bf16(platform):
+    """A bf16 model's prefill: bf16 out, as close to the fp32 answer on the same (bf16) inputs as a bf16
+    computation with fp32 sums gets (a platform may compute wider, as the CPU does)."""
+    g = torch.Generator().manual_seed(3)
+    heads, nope, rope, v, rank, groups, length = 4, 16, 8, 12, 32, 3, 9
+    context = torch.randn(groups, length, rank + rope, generator=g).bfloat16()
+    kv_b = (torch.randn(heads * (nope + v), rank, generator=g) * 0.2).bfloat16()
+    q = torch.randn(groups, length, heads, nope + rope, generator=g).bfloat16()
+    dev = platform.device
+    got = platform.mla_prefill(q.to(dev), context.to(dev), kv_b.to(dev), heads, nope, v, 0.25).cpu()
+    assert got.dtype == torch.bfloat16 and got.shape == (groups, length, heads, v)
+    want = ops.mla_prefill(q.float(), context.float(), kv_b.float(), heads, nope, v, 0.25)
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 37, 200])
 def test_moe_experts(platform, tokens):
     """fp32 experts against the formula; token counts cover one token, tile tails, full tiles and
