@@ -249,18 +249,12 @@ class CpuPlatform(Platform):
 
     @staticmethod
     def _fp32_norms(layer: ops.DecodeLayer) -> ops.DecodeLayer:
-        """The layer with fp32 copies of its norm weights where they are not (a bf16 model's): the
-        native stack normalises in fp32. A few KB per layer."""
-        attention, ffn = layer.attention, layer.ffn
-        norms = {name: getattr(attention, name).float() for name in ("input_norm", "q_a_norm", "kv_a_norm")
-                 if getattr(attention, name).dtype != torch.float32}
-        if not norms and ffn.norm.dtype == torch.float32:
-            return layer
-        if norms:
-            attention = dataclasses.replace(attention, **norms)
-        if ffn.norm.dtype != torch.float32:
-            ffn = dataclasses.replace(ffn, norm=ffn.norm.float())
-        return ops.DecodeLayer(attention, ffn)
+        """The layer with fp32 norm weights (copies of a bf16 model's, a few KB a layer; an fp32
+        model's own tensors): the native stack normalises in fp32."""
+        attention = dataclasses.replace(
+            layer.attention, **{name: getattr(layer.attention, name).float() for name in ("input_norm", "q_a_norm", "kv_a_norm")}
+        )
+        return ops.DecodeLayer(attention, dataclasses.replace(layer.ffn, norm=layer.ffn.norm.float()))
 
     def _native_block(self, lib, block) -> bool:
         """Whether moe_routed_f32 runs this feed-forward bundle. The activations' dtype is checked

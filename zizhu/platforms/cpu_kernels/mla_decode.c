@@ -87,6 +87,15 @@ static inline __attribute__((always_inline)) void scores4(const float* ql, int64
         }
 }
 
+/* scores4 for nh heads (a constant where inlined) and nr = 1-3 rows, each row count compiled apart. */
+static inline __attribute__((always_inline)) void scores_rows(const float* ql, int64_t qls, const float* qp, int64_t qps,
+                                                              const int nh, const void* const* row, int nr,
+                                                              const int cbf16, int64_t R, int64_t P, float out[4][3]) {
+    if (nr == 3) scores4(ql, qls, qp, qps, nh, row, 3, cbf16, R, P, out);
+    else if (nr == 2) scores4(ql, qls, qp, qps, nh, row, 2, cbf16, R, P, out);
+    else scores4(ql, qls, qp, qps, nh, row, 1, cbf16, R, P, out);
+}
+
 /* Sums y_i[8v..8v+8) = sum_j c[i * cs + j] * x_j[offset + 8v..offset + 8v + 8), x_j = src[j] (fp32 or,
  * with cbf16, bf16 rows), for up to four i and three v, in order of j from zero: each loaded vector
  * of x_j feeds four FMAs and each broadcast coefficient three (eight coefficients per vector of x_j
@@ -109,25 +118,28 @@ static inline __attribute__((always_inline)) void weighted_tile(const float* c, 
         for (int v = 0; v < nv; v++) _mm256_storeu_ps(y + i * ys + 8 * v, acc[i][v]);
 }
 
+/* weighted_tile for nh sums (a constant where inlined) and the widest of 24, 16 or 8 of the `left`
+ * columns from `offset`; returns the columns done. */
+static inline __attribute__((always_inline)) int64_t weighted_cols(const float* c, int64_t cs, const int nh,
+                                                                   const void* const* src, int64_t offset,
+                                                                   int64_t left, const int cbf16, int64_t len,
+                                                                   float* y, int64_t ys) {
+    if (left >= 24) { weighted_tile(c, cs, nh, src, offset, 3, cbf16, len, y, ys); return 24; }
+    if (left >= 16) { weighted_tile(c, cs, nh, src, offset, 2, cbf16, len, y, ys); return 16; }
+    weighted_tile(c, cs, nh, src, offset, 1, cbf16, len, y, ys);
+    return 8;
+}
+
 /* weighted_tile over `count` sums and the columns [0, R8) of every x_j, R8 a multiple of 8: four
- * sums at a time, then one; 24 columns at a time, then 16 or 8. */
+ * sums at a time, then one. */
 static inline __attribute__((always_inline)) void weighted(const float* c, int64_t cs, int64_t count,
                                                            const void* const* src, int64_t R8, const int cbf16,
                                                            int64_t len, float* y, int64_t ys) {
     for (int64_t i = 0; i < count;) {
         const int four = count - i >= 4;
-        for (int64_t r = 0; r < R8;) {
-            const int64_t left = R8 - r;
-            const float* ci = c + i * cs;
-            float* yi = y + i * ys + r;
-            if (four && left >= 24) weighted_tile(ci, cs, 4, src, r, 3, cbf16, len, yi, ys);
-            else if (four && left >= 16) weighted_tile(ci, cs, 4, src, r, 2, cbf16, len, yi, ys);
-            else if (four) weighted_tile(ci, cs, 4, src, r, 1, cbf16, len, yi, ys);
-            else if (left >= 24) weighted_tile(ci, cs, 1, src, r, 3, cbf16, len, yi, ys);
-            else if (left >= 16) weighted_tile(ci, cs, 1, src, r, 2, cbf16, len, yi, ys);
-            else weighted_tile(ci, cs, 1, src, r, 1, cbf16, len, yi, ys);
-            r += left >= 24 ? 24 : left >= 16 ? 16 : 8;
-        }
+        for (int64_t r = 0; r < R8;)
+            r += four ? weighted_cols(c + i * cs, cs, 4, src, r, R8 - r, cbf16, len, y + i * ys + r, ys)
+                      : weighted_cols(c + i * cs, cs, 1, src, r, R8 - r, cbf16, len, y + i * ys + r, ys);
         i += four ? 4 : 1;
     }
 }
@@ -230,12 +242,8 @@ static inline __attribute__((always_inline)) void attend(int64_t b, int64_t h0, 
             const float* ql = q_lat + (b * H + h) * R;
             const float* qp = q_pe + b * qp_sb + h * qp_sh;
             float s[4][3];
-            if (four && nr == 3) scores4(ql, R, qp, qp_sh, 4, rows + j, 3, cbf16, R, P, s);
-            else if (four && nr == 2) scores4(ql, R, qp, qp_sh, 4, rows + j, 2, cbf16, R, P, s);
-            else if (four) scores4(ql, R, qp, qp_sh, 4, rows + j, 1, cbf16, R, P, s);
-            else if (nr == 3) scores4(ql, R, qp, qp_sh, 1, rows + j, 3, cbf16, R, P, s);
-            else if (nr == 2) scores4(ql, R, qp, qp_sh, 1, rows + j, 2, cbf16, R, P, s);
-            else scores4(ql, R, qp, qp_sh, 1, rows + j, 1, cbf16, R, P, s);
+            if (four) scores_rows(ql, R, qp, qp_sh, 4, rows + j, nr, cbf16, R, P, s);
+            else scores_rows(ql, R, qp, qp_sh, 1, rows + j, nr, cbf16, R, P, s);
             for (int i = 0; i < (four ? 4 : 1); i++)
                 for (int n = 0; n < nr; n++) scores[(h - h0 + i) * len + j + n] = s[i][n] * scale;
             h += four ? 4 : 1;
