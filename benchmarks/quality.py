@@ -39,6 +39,8 @@ import torch
 from benchmarks import checkpoints
 from benchmarks.workload import TOKEN_ID_RANGE
 
+log = logging.getLogger("benchmarks.quality")
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMACPP_PYTHON = ROOT / ".venvs" / "llamacpp" / "bin" / "python"
@@ -168,7 +170,10 @@ def compare(path: Path, variants: list[str], n_prompts: int, prompt_len: int, to
         results.append(deviation(variant, ref_logits, ref_out, logits, greedy(llm, prompts, tokens)))
         del llm
     for peer in peers:
-        results.append(llamacpp_deviation(path, peer, sequences, prompt_len, tokens, ref_logits, ref_out))
+        try:
+            results.append(llamacpp_deviation(path, peer, sequences, prompt_len, tokens, ref_logits, ref_out))
+        except (OSError, subprocess.CalledProcessError) as exc:  # the zizhu rows still get written
+            log.warning("llama.cpp %s skipped: %s", peer, exc)
     return self_agreement, results
 
 
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(v not in LLAMACPP_VARIANTS for v in peers):
         parser.error(f"--llamacpp takes {', '.join(LLAMACPP_VARIANTS)}")
     if peers and not LLAMACPP_PYTHON.exists():
-        logging.warning("llama.cpp skipped: %s is missing (benchmarks/setup_peers.sh creates it)", LLAMACPP_PYTHON)
+        log.warning("llama.cpp skipped: %s is missing (benchmarks/setup_peers.sh creates it)", LLAMACPP_PYTHON)
         peers = ()
     path = Path(args.model) if Path(args.model).is_dir() else checkpoints.build(args.model)
     name = path.name if Path(args.model).is_dir() else args.model

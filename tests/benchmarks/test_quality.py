@@ -1,14 +1,19 @@
 """benchmarks.quality: the measure lines up with the model's own tokens, reads zero for fp32 against
 itself, and sees the rounding of int8 and bf16."""
 
+from pathlib import Path
+
 from benchmarks import quality
 
 
-def test_quality_against_fp32(tiny_checkpoints):
+def test_quality_against_fp32(tiny_checkpoints, monkeypatch):
     path, _ = tiny_checkpoints["tiny_deepseek_v3"]
-    self_agreement, results = quality.compare(path, ["fp32", "int8", "bf16"], n_prompts=3, prompt_len=9, tokens=12)
+    monkeypatch.setattr(quality, "LLAMACPP_PYTHON", Path("/bin/false"))  # a peer that fails is skipped
+    self_agreement, results = quality.compare(path, ["fp32", "int8", "bf16"], n_prompts=3, prompt_len=9, tokens=12,
+                                              peers=("q8_0",))
     # teacher-forcing fp32 on its own greedy output gives back those tokens: positions line up
     assert self_agreement >= 0.95
+    assert [r.variant for r in results] == ["fp32", "int8", "bf16"]
     same, *rounded = results
     assert (same.top1_agreement, same.max_abs_logit_diff, same.max_kl) == (1.0, 0.0, 0.0)
     assert (same.greedy_token_agreement, same.identical_sequences) == (1.0, 3)
