@@ -151,8 +151,18 @@ def test_burst_of_aborted_streams_frees_every_block(server):
         gauges = wait_until_idle(server)
         assert gauges["zizhu_kv_cache_blocks_used"] == 0, gauges
     aborted_before = aborted_requests(server)
-    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is aborted too
-        httpx.post(server.url + "/v1/completions", json=LONG, headers=AUTH, timeout=0.5)
+
+    async def give_up_on_a_plain_request() -> None:  # a non-streaming client that leaves is aborted too
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as client:
+            request = asyncio.create_task(client.post("/v1/completions", json=LONG))
+            deadline = time.monotonic() + 30
+            while not engine_gauges(server)["zizhu_num_requests_running"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert not request.done(), "the request was meant to be still generating when its client left"
+            request.cancel()
+            await asyncio.gather(request, return_exceptions=True)
+
+    asyncio.run(give_up_on_a_plain_request())
     gauges = wait_until_idle(server)
     assert gauges["zizhu_kv_cache_blocks_used"] == 0, gauges
     assert aborted_requests(server) == aborted_before + 1
