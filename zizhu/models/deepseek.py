@@ -71,13 +71,14 @@ class DeepseekForCausalLM(nn.Module):
         self.model = DeepseekModel(cfg, platform, dtype)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype, platform)
         self.platform = platform
+        self.activation_dtype = platform.activation_dtype(dtype)
         self.decode_stack: ops.DecodeStack | None = None  # prepare_weights
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor]
     ) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm for the flattened batch of new tokens."""
-        h = self.model.embed_tokens(input_ids)
+        h = self.model.embed_tokens(input_ids).to(self.activation_dtype)
         if self.decode_stack is not None and batch.num_decodes == input_ids.shape[0]:
             rotary = self.model.rotary
             cos, sin = rotary.cos_sin(positions, h.dtype)

@@ -41,6 +41,12 @@ class Platform:
     def supported_dtypes(self) -> tuple[torch.dtype, ...]:
         return (torch.float32, torch.bfloat16, torch.float16)
 
+    def activation_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the hidden states between operators for a model whose weights are in
+        `weight_dtype`: the weights' own by default. A platform without arithmetic in that dtype
+        may keep activations wider; then every hook receives them with the narrower weights."""
+        return weight_dtype
+
     def supports_fp8_matmul(self) -> bool:
         """False: FP8 checkpoints are dequantized at load to the compute dtype."""
         return False

@@ -35,6 +35,14 @@ class CpuPlatform(Platform):
         # Most CPUs emulate bf16 matmuls, which is slower than fp32; choose bf16 explicitly if yours has AMX.
         return torch.float32
 
+    def activation_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        # bf16 weights, fp32 activations (as llama.cpp's CPU backend keeps f32 activations). Without
+        # AVX512-BF16 or AMX every bf16 operator computes in fp32 anyway and rounds its output: those
+        # roundings bought nothing but error. On the tiny benchmark checkpoint they put the prefill's
+        # logits 3.5e-4 nats (mean KL) from the fp32 model's, against 3.6e-5 for llama.cpp's F16
+        # file (BENCHMARKS.md); the decode stack already ran in fp32. The KV cache stays bf16.
+        return torch.float32 if weight_dtype == torch.bfloat16 else weight_dtype
+
     def available_memory(self) -> int:
         try:
             with open("/proc/meminfo") as f:
@@ -136,10 +144,11 @@ class CpuPlatform(Platform):
         return F.linear(x, weight, bias)
 
     def mla_prefill(self, q, context, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, scale):
-        """A bf16 model's prefill attention in fp32, the result rounded once: torch emulates the bf16
+        """A bf16 model's prefill attention in fp32 (its bf16 cache and kv_b weight widened), the result
+        in q's dtype: torch emulates the bf16
         decompression GEMM here (no AVX512-BF16 or AMX), 45 ms a layer for a 512-token prompt of the
         small benchmark model, against ~3 in fp32, which was half of that prompt's prefill."""
-        if q.dtype != torch.bfloat16:
+        if torch.bfloat16 not in (q.dtype, context.dtype, kv_b_weight.dtype):
             return ops.mla_prefill(q, context, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, scale)
         out = ops.mla_prefill(
             q.float(), context.float(), kv_b_weight.float(), num_heads, qk_nope_head_dim, v_head_dim, scale
@@ -154,8 +163,8 @@ class CpuPlatform(Platform):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         lib = cpu_kernels.load()
-        if lib is not None and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous():
-            return cpu_kernels.rms_norm(lib, x, weight, eps)
+        if lib is not None and x.dtype == torch.float32 and weight.dtype in cpu_kernels.WEIGHT_DTYPES:
+            return cpu_kernels.rms_norm(lib, x, weight.float().contiguous(), eps)  # a bf16 model's weight widened
         return ops.rms_norm(x, weight, eps)
 
     def mla_write_latent(self, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping):
@@ -336,14 +345,15 @@ class CpuPlatform(Platform):
     ):
         lib = cpu_kernels.load()
         rows = x.float()  # x itself when fp32; bf16 rows (a bf16 model's) are routed and run in fp32
+        norm = None if norm_weight is None else norm_weight.float().contiguous()  # a bf16 model's widened
         if (
             self._native_routing(lib, rows, router_weight, bias, routing)
             and self._native_experts(lib, x, w13, w2, w13_scale, w2_scale)
             and x.dim() == 2
-            and (norm_weight is None or (norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()))
+            and (norm_weight is None or norm_weight.dtype in cpu_kernels.WEIGHT_DTYPES)
         ):
             return cpu_kernels.moe_routed(
-                lib, rows, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale, norm_weight, eps, add_input
+                lib, rows, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale, norm, eps, add_input
             ).to(x.dtype)
         return super().route_and_run_experts(
             x, router_weight, bias, routing, num_shared, w13, w2, w13_scale, w2_scale, norm_weight, eps, add_input
