@@ -32,7 +32,9 @@ class CpuPlatform(Platform):
         return True
 
     def default_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
-        # Most CPUs emulate bf16 matmuls, which is slower than fp32; choose bf16 explicitly if yours has AMX.
+        # fp32: the reference numerics (HF's fp32 logits) and the fastest prompt. dtype="bfloat16"
+        # halves the weights and, with the native kernels, decodes faster (BENCHMARKS.md); without
+        # them (no compiler or AVX2) torch emulates bf16 matmuls, slower than fp32.
         return torch.float32
 
     def activation_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
