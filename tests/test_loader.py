@@ -96,7 +96,10 @@ def test_bf16_model_keeps_fp32_activations_on_cpu(tiny_checkpoints, tmp_path, na
     Rounding the activations to bf16 between operators, as before, put them 3-4x further away
     (mean |difference| 0.025-0.032, max 0.20-0.54)."""
     from zizhu.layers.batch import AttentionBatch
+    from zizhu.platforms import get_platform
 
+    if get_platform().name != "cpu":
+        pytest.skip("the CPU platform's choice; another platform may keep bf16 activations")
     path = _bf16_copy(tiny_checkpoints[name][0], tmp_path / "bf16")
     ids = torch.randint(2, 256, (40,), generator=torch.Generator().manual_seed(0))
     logits = {}
