@@ -59,6 +59,21 @@ def save_checkpoint(model, out: Path, extra_config: dict | None = None) -> Path:
     return out
 
 
+def bf16_copy(src: Path, dst: Path) -> Path:
+    """The checkpoint at `src` with its weights rounded to bf16, saved as a bf16 checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(dst / "model.safetensors")).items()}
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["torch_dtype"] = "bfloat16"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def build_tokenizer(out: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer with DeepSeek's special tokens that fits `vocab_size`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

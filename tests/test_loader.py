@@ -1,13 +1,12 @@
 """Checkpoint discovery and loading: Hugging Face cache ids, MTP layers, dtypes."""
 
-import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.checkpoints import hf_greedy
+from tests.checkpoints import bf16_copy, hf_greedy
 from zizhu import LLM, SamplingParams
 from zizhu.errors import ModelNotFoundError
 from zizhu.loader.resolve import resolve_model_path
@@ -61,23 +60,12 @@ def test_mtp_layer_weights_load_and_are_ignored(tiny_checkpoints, tmp_path):
     assert out[0].outputs[0].token_ids == hf_greedy(hf, [9, 8, 7], 4)
 
 
-def _bf16_copy(src, dst):
-    """The checkpoint at `src` with its weights rounded to bf16, saved as a bf16 checkpoint."""
-    shutil.copytree(src, dst)
-    weights = {k: v.to(torch.bfloat16) for k, v in load_file(str(dst / "model.safetensors")).items()}
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["torch_dtype"] = "bfloat16"
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 def test_bf16_checkpoint(tiny_checkpoints, tmp_path):
     """A bf16 checkpoint computed in fp32 matches HF fed the same bf16 weights; in bf16 it mostly agrees."""
     from transformers import AutoModelForCausalLM
 
     src, hf = tiny_checkpoints["tiny_deepseek_v2"]
-    dst = _bf16_copy(src, tmp_path / "bf16")
+    dst = bf16_copy(src, tmp_path / "bf16")
     oracle = AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
     prompt = [3, 14, 15, 92, 65, 35]
     fp32 = LLM(dst, dtype="float32", kv_cache_memory=1 << 20)
@@ -100,7 +88,7 @@ def test_bf16_model_keeps_fp32_activations_on_cpu(tiny_checkpoints, tmp_path, na
 
     if get_platform().name != "cpu":
         pytest.skip("the CPU platform's choice; another platform may keep bf16 activations")
-    path = _bf16_copy(tiny_checkpoints[name][0], tmp_path / "bf16")
+    path = bf16_copy(tiny_checkpoints[name][0], tmp_path / "bf16")
     ids = torch.randint(2, 256, (40,), generator=torch.Generator().manual_seed(0))
     logits = {}
     for dtype in ("float32", "bfloat16"):

@@ -49,6 +49,8 @@ def _memory(text: str) -> int | float:
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--dtype", default="auto", help="weights and KV-cache dtype: auto, float32, bfloat16, float16")
+    group.add_argument("--kv-cache-dtype", default="auto",
+                       help="KV-cache dtype when it should differ from --dtype: auto, float32, bfloat16, float16")
     group.add_argument("--max-model-len", type=int, help="longest prompt + completion, in tokens (default: the model's)")
     group.add_argument("--kv-cache-memory", type=_memory, help="KV-cache size: bytes, e.g. 4GiB, or a fraction of free memory")
     group.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together in one step (default 64)")
@@ -150,6 +152,7 @@ def build_engine(args: argparse.Namespace):
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     if engine.tokenizer is None:
         raise CLIError(f"{model} has no tokenizer.json; zizhu needs the checkpoint's tokenizer to take text")

@@ -276,6 +276,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting: int | None = None
     quantization: str | None = None  # "int8": weight-only int8 of linear and expert weights, at load
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; or float32, bfloat16, float16
 
     def validate(self) -> None:
         if self.block_size < 1:

@@ -84,12 +84,15 @@ class LLMEngine:
         self.engine_config = engine_config
         self.platform = platform
         self.dtype = dtype
+        self.kv_dtype = _resolve_kv_dtype(engine_config.kv_cache_dtype, dtype, platform)
         self.tokenizer = tokenizer
         platform.configure()
         self.model = load_model(model_dir, model_config, platform, dtype, engine_config.quantization)
         self.max_model_len, num_blocks = self._size_kv_cache()
         bs = engine_config.block_size
-        kv_caches = platform.allocate_kv_cache(model_config.num_hidden_layers, num_blocks, bs, model_config.kv_latent_dim, dtype)
+        kv_caches = platform.allocate_kv_cache(
+            model_config.num_hidden_layers, num_blocks, bs, model_config.kv_latent_dim, self.kv_dtype
+        )
         self.block_manager = BlockManager(num_blocks, bs, engine_config.enable_prefix_caching)
         max_batched = engine_config.max_num_batched_tokens or 2048
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs, max_batched)
@@ -101,7 +104,7 @@ class LLMEngine:
         self.generation_tokens_total = 0
         logger.info(
             "KV cache: %d blocks x %d tokens, %d B/token (%s), max_model_len %d",
-            num_blocks, bs, self.kv_bytes_per_token, str(dtype).removeprefix("torch."), self.max_model_len,
+            num_blocks, bs, self.kv_bytes_per_token, str(self.kv_dtype).removeprefix("torch."), self.max_model_len,
         )
 
     @classmethod
@@ -125,7 +128,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ sizing
     @property
     def kv_bytes_per_token(self) -> int:
-        return self.model_config.kv_bytes_per_token(torch.empty(0, dtype=self.dtype).element_size())
+        return self.model_config.kv_bytes_per_token(torch.empty(0, dtype=self.kv_dtype).element_size())
 
     def _size_kv_cache(self) -> tuple[int, int]:
         cfg, ecfg = self.model_config, self.engine_config
@@ -330,6 +333,22 @@ class LLMEngine:
             for child in parent.children:
                 self.text_states.pop(child.request_id, None)
         return out
+
+
+def _resolve_kv_dtype(kv_cache_dtype: str | torch.dtype, dtype: torch.dtype, platform: Platform) -> torch.dtype:
+    """The latent cache's dtype: the model's by default. A wider one (fp32 for a bf16 model) keeps
+    every cached latent exact, for twice the bytes; a narrower one halves an fp32 or int8 model's."""
+    if isinstance(kv_cache_dtype, torch.dtype):
+        resolved = kv_cache_dtype
+    elif kv_cache_dtype == "auto":
+        resolved = dtype
+    elif kv_cache_dtype in DTYPES:
+        resolved = DTYPES[kv_cache_dtype]
+    else:
+        raise ConfigError(f"unknown kv_cache_dtype {kv_cache_dtype!r} (choose from auto, {', '.join(sorted(DTYPES))})")
+    if resolved not in platform.supported_dtypes():
+        raise ConfigError(f"platform {platform.name} does not support a {resolved} KV cache")
+    return resolved
 
 
 def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, platform: Platform) -> torch.dtype:

@@ -122,8 +122,9 @@ def mla_prefill(
     groups, num_q = q.shape[:2]
     length, width = context.shape[-2:]
     rope_dim = q.shape[-1] - qk_nope_head_dim
-    c_kv, k_pe = context.split([width - rope_dim, rope_dim], dim=-1)
-    kv = F.linear(c_kv, kv_b_weight).view(groups, length, num_heads, qk_nope_head_dim + v_head_dim)
+    # the cache may be kept in another dtype than the model's (kv_cache_dtype): compute in q's
+    c_kv, k_pe = context.to(q.dtype).split([width - rope_dim, rope_dim], dim=-1)
+    kv = F.linear(c_kv, kv_b_weight.to(q.dtype)).view(groups, length, num_heads, qk_nope_head_dim + v_head_dim)
     k_nope, v = kv.split([qk_nope_head_dim, v_head_dim], dim=-1)
     k = torch.cat([k_nope, k_pe[:, :, None, :].expand(groups, length, num_heads, rope_dim)], dim=-1)
     if v_head_dim < q.shape[-1]:
