@@ -338,28 +338,22 @@ class LLMEngine:
 def _resolve_kv_dtype(kv_cache_dtype: str | torch.dtype, dtype: torch.dtype, platform: Platform) -> torch.dtype:
     """The latent cache's dtype: the model's by default. A wider one (fp32 for a bf16 model) keeps
     every cached latent exact, for twice the bytes; a narrower one halves an fp32 or int8 model's."""
-    if isinstance(kv_cache_dtype, torch.dtype):
-        resolved = kv_cache_dtype
-    elif kv_cache_dtype == "auto":
-        resolved = dtype
-    elif kv_cache_dtype in DTYPES:
-        resolved = DTYPES[kv_cache_dtype]
-    else:
-        raise ConfigError(f"unknown kv_cache_dtype {kv_cache_dtype!r} (choose from auto, {', '.join(sorted(DTYPES))})")
-    if resolved not in platform.supported_dtypes():
-        raise ConfigError(f"platform {platform.name} does not support a {resolved} KV cache")
-    return resolved
+    return _named_dtype(kv_cache_dtype, dtype, "kv_cache_dtype", platform)
 
 
 def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, platform: Platform) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        resolved = dtype
-    elif dtype == "auto":
-        resolved = platform.default_dtype(DTYPES.get(cfg.torch_dtype or ""))
-    elif dtype in DTYPES:
-        resolved = DTYPES[dtype]
+    return _named_dtype(dtype, platform.default_dtype(DTYPES.get(cfg.torch_dtype or "")), "dtype", platform)
+
+
+def _named_dtype(value: str | torch.dtype, auto: torch.dtype, what: str, platform: Platform) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        resolved = value
+    elif value == "auto":
+        resolved = auto
+    elif value in DTYPES:
+        resolved = DTYPES[value]
     else:
-        raise ConfigError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(sorted(DTYPES))})")
+        raise ConfigError(f"unknown {what} {value!r} (choose from auto, {', '.join(sorted(DTYPES))})")
     if resolved not in platform.supported_dtypes():
-        raise ConfigError(f"platform {platform.name} does not support dtype {resolved}")
+        raise ConfigError(f"platform {platform.name} does not support {what} {resolved}")
     return resolved
