@@ -84,7 +84,7 @@ def forced_logits(llm, ids: list[int], first: int) -> torch.Tensor:
     model, cfg = engine.model, engine.model_config
     n = len(ids) - 1
     blocks = -(-n // BLOCK)
-    caches = engine.platform.allocate_kv_cache(cfg.num_hidden_layers, blocks, BLOCK, cfg.kv_latent_dim, engine.dtype)
+    caches = engine.platform.allocate_kv_cache(cfg.num_hidden_layers, blocks, BLOCK, cfg.kv_latent_dim, engine.kv_dtype)
     batch = AttentionBatch(torch.arange(n), torch.arange(blocks)[None], torch.tensor([n]), [0, n], [n], num_decodes=0)
     hidden = model(torch.tensor(ids[:-1]), torch.arange(n), batch, caches)
     return model.compute_logits(hidden[first - 1:]).float()

@@ -36,7 +36,8 @@ def main() -> None:
     result = EngineResult(engine="zizhu", variant=args.variant,
                           version=f"zizhu {zizhu.__version__}, torch {torch.__version__}")
     shape = MLAShape.from_config(json.loads((Path(args.checkpoint) / "config.json").read_text()))
-    kv_budget = wl.kv_budget_bytes(kv_bytes_latent(shape, 2 if dtype == "bfloat16" else 4))
+    # an int8 model caches bf16 latents (the engine's default for it), a bf16 one bf16, fp32 fp32
+    kv_budget = wl.kv_budget_bytes(kv_bytes_latent(shape, 2 if dtype == "bfloat16" or quantization else 4))
     result.extra["kv_cache_memory"] = kv_budget
     options = dict(dtype=dtype, max_model_len=wl.max_model_len, max_num_seqs=max(wl.concurrency),
                    kv_cache_memory=kv_budget)

@@ -48,14 +48,14 @@ def _forced_argmax(llm: LLM, ids: list[int]) -> torch.Tensor:
         return model.compute_logits(model(torch.tensor(ids[:-1]), torch.arange(n), batch, caches)).argmax(-1)
 
 
-def test_int8_model_with_a_bf16_cache(tiny_checkpoints):
-    """Half the cache bytes of an int8 (fp32-activation) model. Its decode reads back what its
-    prefill wrote (each greedy token is the forced argmax there), and the first token's logprob,
-    from the prefill, moves only by the latent's bf16 rounding."""
+def test_int8_model_caches_bf16(tiny_checkpoints):
+    """An int8 model caches bf16 latents by default: half the bytes of its fp32 activations. Its
+    decode reads back what its prefill wrote (each greedy token is the forced argmax there), and the
+    first token's logprob, from the prefill, moves only by the latent's bf16 rounding."""
     path, _ = tiny_checkpoints["tiny_deepseek_v3"]
-    full = LLM(path, dtype="float32", quantization="int8", kv_cache_memory=1 << 20)
-    half = LLM(path, dtype="float32", quantization="int8", kv_cache_dtype="bfloat16", kv_cache_memory=1 << 20)
-    assert half.engine.kv_dtype == torch.bfloat16
+    full = LLM(path, dtype="float32", quantization="int8", kv_cache_dtype="float32", kv_cache_memory=1 << 20)
+    half = LLM(path, dtype="float32", quantization="int8", kv_cache_memory=1 << 20)
+    assert half.engine.kv_dtype == torch.bfloat16 and full.engine.kv_dtype == torch.float32
     assert 2 * half.engine.kv_bytes_per_token == full.engine.kv_bytes_per_token
     prompts = _prompts()
     a, b = full.generate(prompts, GREEDY), half.generate(prompts, GREEDY)
