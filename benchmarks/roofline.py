@@ -16,7 +16,6 @@ import argparse
 import time
 
 from benchmarks.model_math import (
-    WEIGHT_BYTES,
     MLAShape,
     decode_bytes_per_token,
     kv_bytes_latent,
@@ -48,8 +47,8 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, threads: int = 2)
 
 
 def kv_dtype_bytes(weight_dtype: str) -> float:
-    # The KV cache stays in the activation dtype: fp32 for fp32 and int8 weight-only, 2 for bf16.
-    return 4.0 if weight_dtype in ("float32", "int8") else WEIGHT_BYTES[weight_dtype]
+    # The engine's default cache: fp32 for fp32 weights; bf16 for bf16 and for int8 weight-only.
+    return 4.0 if weight_dtype == "float32" else 2.0
 
 
 def bounds(config: dict, bandwidth_gb_s: float, context_tokens: int) -> dict:
