@@ -4,9 +4,9 @@ fp32 model on one benchmark checkpoint.
     python -m benchmarks.quality --model tiny [--variants int8,bf16] [--llamacpp f16,q8_0] [--prompts 16] [--tokens 128]
 
 zizhu fp32 equals HF transformers in fp32 to 1e-4 on every logit (tests/engine/test_hf_parity.py),
-so it stands for the unquantized model. Both measures take it, on the same checkpoint and the
-benchmark's kind of prompt on the same checkpoint and the benchmark's own random prompts
-(random token ids, as benchmarks.workload.Prompts makes), as the reference:
+so it stands for the unquantized model. Both measures take it as the reference, on the same
+checkpoint and the benchmark's kind of prompt (random token ids, as benchmarks.workload.Prompts
+makes):
 - **teacher-forced**: every variant reads the fp32 model's greedy continuations in one prefill,
   and its logits at each generated position are compared with fp32's there: top-1 agreement, the
   largest and mean |logit difference| (also as a fraction of the spread of the fp32 logits), and
@@ -37,6 +37,7 @@ import numpy
 import torch
 
 from benchmarks import checkpoints
+from benchmarks.run_zizhu import VARIANTS  # variant -> (dtype, quantization), as the speed runs load it
 from benchmarks.workload import TOKEN_ID_RANGE
 
 log = logging.getLogger("benchmarks.quality")
@@ -46,7 +47,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 LLAMACPP_PYTHON = ROOT / ".venvs" / "llamacpp" / "bin" / "python"
 LLAMACPP_VARIANTS = ("f16", "q8_0")
 SEED = 7  # prompts: not the seeds the speed cases use, so no prefix cache is warm for them
-VARIANTS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8")}
 BLOCK = 16
 
 

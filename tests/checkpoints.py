@@ -74,6 +74,24 @@ def bf16_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def prefill_hidden(engine, ids: list[int]) -> torch.Tensor:
+    """`engine`'s model's final hidden states after each token of `ids`, from one prefill into a
+    fresh cache of the engine's own KV dtype (not the engine's cache: no request, no block is touched)."""
+    from zizhu.layers.batch import AttentionBatch
+
+    model, cfg, n = engine.model, engine.model_config, len(ids)
+    blocks = -(-n // 16)
+    caches = engine.platform.allocate_kv_cache(cfg.num_hidden_layers, blocks, 16, cfg.kv_latent_dim, engine.kv_dtype)
+    batch = AttentionBatch(torch.arange(n), torch.arange(blocks)[None], torch.tensor([n]), [0, n], [n], num_decodes=0)
+    with torch.no_grad():
+        return model(torch.as_tensor(ids), torch.arange(n), batch, caches)
+
+
+def prefill_logits(engine, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return engine.model.compute_logits(prefill_hidden(engine, ids))
+
+
 def build_tokenizer(out: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer with DeepSeek's special tokens that fits `vocab_size`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

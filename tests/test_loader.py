@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.checkpoints import bf16_copy, hf_greedy
+from tests.checkpoints import bf16_copy, hf_greedy, prefill_hidden
 from zizhu import LLM, SamplingParams
 from zizhu.errors import ModelNotFoundError
 from zizhu.loader.resolve import resolve_model_path
@@ -83,24 +83,21 @@ def test_bf16_model_keeps_fp32_activations_on_cpu(tiny_checkpoints, tmp_path, na
     logits then differ from the fp32 model's on the same bf16 weights only by the bf16 KV cache.
     Rounding the activations to bf16 between operators, as before, put them 3-4x further away
     (mean |difference| 0.025-0.032, max 0.20-0.54)."""
-    from zizhu.layers.batch import AttentionBatch
     from zizhu.platforms import get_platform
 
     if get_platform().name != "cpu":
         pytest.skip("the CPU platform's choice; another platform may keep bf16 activations")
     path = bf16_copy(tiny_checkpoints[name][0], tmp_path / "bf16")
-    ids = torch.randint(2, 256, (40,), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, 256, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     logits = {}
     for dtype in ("float32", "bfloat16"):
         engine = LLM(path, dtype=dtype, kv_cache_memory=1 << 20).engine
-        model, cfg = engine.model, engine.model_config
-        assert model.activation_dtype == torch.float32
-        caches = engine.platform.allocate_kv_cache(cfg.num_hidden_layers, 3, 16, cfg.kv_latent_dim, engine.dtype)
-        batch = AttentionBatch(torch.arange(40), torch.arange(3)[None], torch.tensor([40]), [0, 40], [40], num_decodes=0)
+        assert engine.model.activation_dtype == torch.float32
+        assert engine.kv_dtype == getattr(torch, dtype)
+        hidden = prefill_hidden(engine, ids)
+        assert hidden.dtype == torch.float32
         with torch.no_grad():
-            hidden = model(ids, torch.arange(40), batch, caches)
-            assert hidden.dtype == torch.float32
-            logits[dtype] = model.compute_logits(hidden)
+            logits[dtype] = engine.model.compute_logits(hidden)
     diff = (logits["bfloat16"] - logits["float32"]).abs()
     assert logits["float32"].std() > 1.0, "logits too flat for the bounds below to mean anything"
     assert diff.mean() < 0.012 and diff.max() < 0.1, (diff.mean(), diff.max())

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from tests.checkpoints import bf16_copy
+from tests.checkpoints import bf16_copy, prefill_logits
 from zizhu import LLM, SamplingParams
 from zizhu.errors import ConfigError
-from zizhu.layers.batch import AttentionBatch
 from zizhu.platforms import get_platform
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
@@ -36,18 +35,6 @@ def test_bf16_model_with_an_fp32_cache_is_the_fp32_model(tiny_checkpoints, tmp_p
             assert step_a[token].logprob == pytest.approx(step_b[token].logprob, abs=1e-5)
 
 
-def _forced_argmax(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """The model's argmax after each of ids[:-1], from one prefill into a fresh cache of the engine's
-    KV dtype: what its decode steps must have picked, if they read the cache as prefill wrote it."""
-    engine = llm.engine
-    model, cfg, n = engine.model, engine.model_config, len(ids) - 1
-    blocks = -(-n // 16)
-    caches = engine.platform.allocate_kv_cache(cfg.num_hidden_layers, blocks, 16, cfg.kv_latent_dim, engine.kv_dtype)
-    batch = AttentionBatch(torch.arange(n), torch.arange(blocks)[None], torch.tensor([n]), [0, n], [n], num_decodes=0)
-    with torch.no_grad():
-        return model.compute_logits(model(torch.tensor(ids[:-1]), torch.arange(n), batch, caches)).argmax(-1)
-
-
 def test_int8_model_caches_bf16(tiny_checkpoints):
     """An int8 model caches bf16 latents by default: half the bytes of its fp32 activations. Its
     decode reads back what its prefill wrote (each greedy token is the forced argmax there), and the
@@ -61,7 +48,8 @@ def test_int8_model_caches_bf16(tiny_checkpoints):
     a, b = full.generate(prompts, GREEDY), half.generate(prompts, GREEDY)
     for prompt, o1, o2 in zip(prompts, a, b):
         tokens = o2.outputs[0].token_ids
-        assert _forced_argmax(half, prompt + tokens)[len(prompt) - 1:].tolist() == tokens
+        # what its decode steps must have picked, if they read the cache as its prefill wrote it
+        assert prefill_logits(half.engine, prompt + tokens[:-1]).argmax(-1)[len(prompt) - 1:].tolist() == tokens
         first = o1.outputs[0].token_ids[0]
         if tokens[0] == first:
             assert abs(o1.outputs[0].logprobs[0][first].logprob - o2.outputs[0].logprobs[0][first].logprob) < 0.05

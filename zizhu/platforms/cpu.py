@@ -146,10 +146,10 @@ class CpuPlatform(Platform):
         return F.linear(x, weight, bias)
 
     def mla_prefill(self, q, context, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, scale):
-        """A bf16 model's prefill attention in fp32 (its bf16 cache and kv_b weight widened), the result
-        in q's dtype: torch emulates the bf16
-        decompression GEMM here (no AVX512-BF16 or AMX), 45 ms a layer for a 512-token prompt of the
-        small benchmark model, against ~3 in fp32, which was half of that prompt's prefill."""
+        """A bf16 model's prefill attention in fp32 (its bf16 cache and kv_b weight widened), the
+        result in q's dtype: torch emulates the bf16 decompression GEMM here (no AVX512-BF16 or AMX),
+        45 ms a layer for a 512-token prompt of the small benchmark model, against ~3 in fp32, which
+        was half of that prompt's prefill."""
         if torch.bfloat16 not in (q.dtype, context.dtype, kv_b_weight.dtype):
             return ops.mla_prefill(q, context, kv_b_weight, num_heads, qk_nope_head_dim, v_head_dim, scale)
         out = ops.mla_prefill(
@@ -165,8 +165,8 @@ class CpuPlatform(Platform):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         lib = cpu_kernels.load()
-        if lib is not None and x.dtype == torch.float32 and weight.dtype in cpu_kernels.WEIGHT_DTYPES:
-            return cpu_kernels.rms_norm(lib, x, weight.float().contiguous(), eps)  # a bf16 model's weight widened
+        if lib is not None and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_contiguous():
+            return cpu_kernels.rms_norm(lib, x, weight, eps)
         return ops.rms_norm(x, weight, eps)
 
     def mla_write_latent(self, q, kv_a, norm_weight, eps, cos, sin, interleaved, cache, slot_mapping):
@@ -260,8 +260,9 @@ class CpuPlatform(Platform):
 
     @staticmethod
     def _fp32_norms(layer: ops.DecodeLayer) -> ops.DecodeLayer:
-        """The layer with fp32 norm weights (copies of a bf16 model's, a few KB a layer; an fp32
-        model's own tensors): the native stack normalises in fp32."""
+        """The layer with fp32 norm weights: the native stack normalises in fp32. A model's norms are
+        fp32 already (RMSNorm keeps them in the activations' dtype); a caller's bundle with bf16
+        norms (Platform.decode_layers allows them) gets fp32 copies, a few KB a layer."""
         attention = dataclasses.replace(
             layer.attention, **{name: getattr(layer.attention, name).float() for name in ("input_norm", "q_a_norm", "kv_a_norm")}
         )
@@ -347,15 +348,14 @@ class CpuPlatform(Platform):
     ):
         lib = cpu_kernels.load()
         rows = x.float()  # x itself when fp32; bf16 rows (a bf16 model's) are routed and run in fp32
-        norm = None if norm_weight is None else norm_weight.float().contiguous()  # a bf16 model's widened
         if (
             self._native_routing(lib, rows, router_weight, bias, routing)
             and self._native_experts(lib, x, w13, w2, w13_scale, w2_scale)
             and x.dim() == 2
-            and (norm_weight is None or norm_weight.dtype in cpu_kernels.WEIGHT_DTYPES)
+            and (norm_weight is None or (norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()))
         ):
             return cpu_kernels.moe_routed(
-                lib, rows, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale, norm, eps, add_input
+                lib, rows, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale, norm_weight, eps, add_input
             ).to(x.dtype)
         return super().route_and_run_experts(
             x, router_weight, bias, routing, num_shared, w13, w2, w13_scale, w2_scale, norm_weight, eps, add_input
