@@ -436,6 +436,31 @@ def test_bf16_moe_experts(platform, tokens):
     _bf16_close(got, formula(torch.cat([ids, torch.full((tokens, 1), routed)], 1), torch.cat([weights, torch.ones(tokens, 1)], 1)))
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 60])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_experts(platform, tokens, dtype):
+    """Stacked experts in the platform's own layout (prepare_experts, which may take over their
+    storage) give what the [E, N, K] stacks give, alone and routed with a shared expert: few rows
+    per expert and, at 60 tokens x 2 of 3 experts, 40 on each."""
+    g = torch.Generator().manual_seed(29)
+    hidden, inter, routed = 48, 32, 3
+    x = torch.randn(tokens, hidden, generator=g)
+    w13 = (torch.randn(routed + 1, 2 * inter, hidden, generator=g) * 0.3).to(dtype)
+    w2 = (torch.randn(routed + 1, hidden, inter, generator=g) * 0.3).to(dtype)
+    router = torch.randn(routed, hidden, generator=g) * 0.3
+    routing = ops.Routing(top_k=2)
+    ids, weights = ops.route_experts(x, router, None, routing)
+    dev = platform.device
+    on = lambda *ts: [t.to(dev) for t in ts]  # noqa: E731
+    p13, p2 = platform.prepare_experts(w13.clone().to(dev)), platform.prepare_experts(w2.clone().to(dev))
+    want = platform.route_and_run_experts(*on(x, router), None, routing, 1, *on(w13, w2)).cpu()
+    got = platform.route_and_run_experts(*on(x, router), None, routing, 1, p13, p2).cpu()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want = platform.moe_experts(*on(x, ids, weights, w13, w2)).cpu()
+    got = platform.moe_experts(*on(x, ids, weights), p13, p2).cpu()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("rows,n,k", [(1, 40, 24), (5, 37, 33), (6, 16, 8), (13, 1003, 256), (70, 50, 1024)])
 def test_prepared_linear(platform, rows, n, k, monkeypatch):
     """A weight in the platform's own layout (prepare_linear; every size prepared here, however
@@ -610,3 +635,38 @@ def test_decode_layers(platform, batch, precision):
         torch.testing.assert_close(a.float().cpu(), b.float().cpu(), **(tol(b) if bf16_model else {"atol": 1e-6, "rtol": 1e-6}))
         assert not torch.equal(a, before)
     assert not torch.allclose(got, h)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_decode_layers_prepared_experts(platform, batch):
+    """A decode stack whose experts the platform prepared (prepare_experts, as a loaded model's are)
+    gives what the same stack with [E, N, K] experts gives: fp32 and bf16 experts, shared ones folded
+    in, a dense MLP left as it is."""
+    g = torch.Generator().manual_seed(31)
+    hidden, rope, rank, bs = 96, 8, 32, 4
+    blocks = [
+        _moe_block(g, hidden, None, 0, 1, int8=False),
+        _moe_block(g, hidden, ROUTINGS[2], 8, 2, int8=False),
+        _moe_block(g, hidden, ROUTINGS[0], 8, 0, int8=False),
+    ]
+    blocks[2] = dataclasses.replace(blocks[2], w13=blocks[2].w13.bfloat16(), w2=blocks[2].w2.bfloat16())
+    dev = platform.device
+    bundles = [_mla_decode_bundle(g, platform, narrow=False, weights="fp32") for _ in blocks]
+    raw = [_on_device(block, dev) for block in blocks]
+    prepared = [raw[0]] + [
+        dataclasses.replace(b, w13=platform.prepare_experts(b.w13.clone()), w2=platform.prepare_experts(b.w2.clone()))
+        for b in raw[1:]
+    ]
+    h = torch.randn(batch, hidden, generator=g).to(dev)
+    cache, tables, seq_lens, slots, angles = _decode_batch(g, batch, bs, 12, rank + rope, rope)
+    caches = [cache.to(dev)] + [torch.randn(cache.shape, generator=g).to(dev) for _ in blocks[1:]]
+    args = (angles.cos().to(dev), angles.sin().to(dev), False, slots.to(dev), tables.to(dev), seq_lens.to(dev))
+    outs = []
+    for ffn in (raw, prepared):
+        stack = ops.DecodeStack(tuple(ops.DecodeLayer(b, f) for b, f in zip(bundles, ffn)))
+        written = [c.clone() for c in caches]
+        outs.append((platform.decode_layers(h, stack, *args[:3], written, *args[3:]), written))
+    (want, want_caches), (got, got_caches) = outs
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_caches, want_caches):
+        torch.testing.assert_close(a.cpu(), b.cpu(), atol=1e-6, rtol=1e-6)

@@ -74,6 +74,17 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter, dtype=dtype), requires_grad=False)
         self.inter = inter
 
+    def prepare(self, platform) -> None:
+        """Hand the loaded stacks, shared experts folded in, to the platform (`Platform.prepare_experts`):
+        it may repack them in place, so nothing reads them as `[E, N, K]` afterwards."""
+        if not self.w13.is_floating_point():  # int8, as quantize_experts left it
+            return
+        for name in ("w13", "w2"):
+            weight = getattr(self, name)
+            prepared = platform.prepare_experts(weight)
+            if prepared is not weight:
+                setattr(self, name, nn.Parameter(prepared, requires_grad=False))
+
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, platform, dtype: torch.dtype):

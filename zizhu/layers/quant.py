@@ -93,6 +93,8 @@ class Int8MLP(nn.Module):
 
 def quantize_experts(experts: Experts) -> None:
     """Replace stacked expert weights by int8 with per-(expert, row) scales, in place."""
+    if experts.w13.dim() != 3:
+        raise ValueError("experts must be quantized as loaded ([E, N, K]), before the platform prepares them")
     for name in ("w13", "w2"):
         q, scale = quantize_int8_rows(getattr(experts, name).data)
         dtype = getattr(experts, name).dtype

@@ -97,13 +97,15 @@ class DeepseekForCausalLM(nn.Module):
     def prepare_weights(self) -> None:
         """After loading (and quantizing): let the platform lay out the weights that only the
         forward pass reads: the vocabulary head (full precision or int8), the largest one, unless
-        the embedding shares it; and the int8 MLA layers' decode bundles (MLADecodeLayer), and with
-        one for every layer, the whole stack's (DecodeStack), so a decode-only step runs all its
-        layers as one platform call."""
+        the embedding shares it; the stacked experts; the MLA layers' decode bundles
+        (MLADecodeLayer), and with one for every layer, the whole stack's (DecodeStack), so a
+        decode-only step runs all its layers as one platform call."""
         if not self.cfg.tie_word_embeddings:
             self.lm_head.prepare()
         for layer in self.model.layers:
             layer.self_attn.prepare_decode_layer(layer.input_layernorm)
+            if layer.moe:
+                layer.mlp.experts.prepare(self.platform)
         bundles = [layer.decode_bundle() for layer in self.model.layers]
         self.decode_stack = ops.DecodeStack(tuple(bundles)) if bundles and all(bundles) else None
 

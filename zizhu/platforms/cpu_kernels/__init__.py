@@ -64,7 +64,8 @@ def load() -> ctypes.CDLL | None:
     lib.gemm_f32_packed.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.moe_f32.restype = None
     lib.moe_f32.argtypes = (
-        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 2 + [ctypes.c_int]
+        [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2 + [ctypes.c_int64] * 2
+        + [ctypes.c_int]
     )
     lib.mla_decode_f32.restype = None
     lib.mla_decode_f32.argtypes = (
@@ -88,7 +89,7 @@ def load() -> ctypes.CDLL | None:
         [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_int] * 2
         + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_float, ctypes.c_int64] + [ctypes.c_void_p] * 4
-        + [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+        + [ctypes.c_int] * 2 + [ctypes.c_int64, ctypes.c_int]
     )
     lib.mla_decode_layer_f32.restype = None
     lib.mla_decode_layer_f32.argtypes = (
@@ -189,6 +190,30 @@ def pack_weight(lib: ctypes.CDLL, weight: torch.Tensor) -> PackedWeight:
     return PackedWeight(panels, tail, n, k)
 
 
+def can_pack_experts(weight: torch.Tensor) -> bool:
+    """Whether a stacked expert weight `[E, N, K]` packs without a tail: each expert's panels then
+    sit where its rows did, which moe_f32 relies on."""
+    return weight.dtype in WEIGHT_DTYPES and weight.dim() == 3 and weight.shape[1] % PANEL == 0 and weight.is_contiguous()
+
+
+def pack_experts(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
+    """Repack stacked experts (see can_pack_experts) in place, as `[E, N / 16, K, 16]` panels (one
+    pack_panels call: the N rows of every expert are whole panels). The storage is reused, so do
+    not read `weight` as `[E, N, K]` afterwards."""
+    experts, n, k = weight.shape
+    lib.pack_panels(weight.data_ptr(), None, experts * n, k, _bf16(weight), torch.get_num_threads())
+    return weight.detach().view(experts, n // PANEL, k, PANEL)
+
+
+def is_packed_experts(weight: torch.Tensor) -> bool:
+    return weight.dim() == 4
+
+
+def expert_rows(weight: torch.Tensor) -> int:
+    """N of a stacked expert weight, `[E, N, K]` or packed `[E, N / 16, K, 16]`."""
+    return weight.shape[1] * weight.shape[3] if is_packed_experts(weight) else weight.shape[1]
+
+
 def linear_packed(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     """fp32 `x [..., K]` times a packed weight: `[..., out_features]` fp32."""
     x2, n = _rows(x), weight.out_features
@@ -212,7 +237,7 @@ def moe(
     """All routed experts of a layer, grouping and weighted sum included, in one native call.
     Weights are int8 with per-row scales, or fp32 or bf16 with both scales None."""
     num_tokens, top_k = topk_ids.shape
-    num_experts, two_inter, hidden = w13.shape
+    num_experts, two_inter, hidden = w13.shape[0], expert_rows(w13), x.shape[-1]
     x = x.contiguous()
     ids = topk_ids.to(torch.int64).contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
@@ -220,7 +245,7 @@ def moe(
     lib.moe_f32(
         x.data_ptr(), out.data_ptr(), ids.data_ptr(), weights.data_ptr(), num_tokens, top_k, num_experts,
         w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
-        _bf16(w13), hidden, two_inter // 2, torch.get_num_threads(),
+        _bf16(w13), int(is_packed_experts(w13)), hidden, two_inter // 2, torch.get_num_threads(),
     )
     return out
 
@@ -331,7 +356,7 @@ def moe_routed(
         router.shape[0], SCORING[routing.scoring], METHODS[routing.method], routing.n_group, routing.topk_group,
         routing.top_k, int(routing.norm_topk_prob), routing.scaling, num_shared,
         w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
-        _bf16(w13), w13.shape[1] // 2, torch.get_num_threads(),
+        _bf16(w13), int(is_packed_experts(w13)), expert_rows(w13) // 2, torch.get_num_threads(),
     )
     return out
 
@@ -370,7 +395,7 @@ class DecodeLayerArgs(ctypes.Structure):
         ("n_group", ctypes.c_int64), ("topk_group", ctypes.c_int64), ("top_k", ctypes.c_int64),
         ("norm_topk", ctypes.c_int), ("scaling", ctypes.c_float), ("shared", ctypes.c_int64),
         ("w13", ctypes.c_void_p), ("s13", ctypes.c_void_p), ("w2", ctypes.c_void_p), ("s2", ctypes.c_void_p),
-        ("experts_bf16", ctypes.c_int), ("inter", ctypes.c_int64),
+        ("experts_bf16", ctypes.c_int), ("experts_packed", ctypes.c_int), ("inter", ctypes.c_int64),
     ]
 
 
@@ -398,7 +423,7 @@ def decode_stack_table(stack) -> ctypes.Array:
             _ptr(f.norm), f.eps, _ptr(f.router), _ptr(f.bias), 0 if f.router is None else f.router.shape[0],
             SCORING[r.scoring], METHODS[r.method], r.n_group, r.topk_group, r.top_k, int(r.norm_topk_prob), r.scaling,
             f.num_shared, _ptr(f.w13), _ptr(f.w13_scale), _ptr(f.w2), _ptr(f.w2_scale), _bf16(f.w13),
-            f.w13.shape[1] // 2,
+            int(is_packed_experts(f.w13)), expert_rows(f.w13) // 2,
         ))
     return (DecodeLayerArgs * len(rows))(*rows)
 

@@ -51,6 +51,7 @@ typedef struct {
     const void* w2;
     const float* s2;
     int experts_bf16;
+    int experts_packed; /* full-precision experts packed by pack_panels (moe_f32) */
     int64_t inter;
 } DecodeLayer;
 
@@ -70,7 +71,7 @@ void decode_stack_f32(const DecodeLayer* layers, int64_t L, const float* h, floa
                              cache_bf16, slots, tables, table_stride, seq_lens, block_size, threads);
         moe_routed_f32(attended, out, B, D, y->ffn_norm, y->ffn_eps, 1, y->router, y->bias, y->experts, y->scoring,
                        y->method, y->n_group, y->topk_group, y->top_k, y->norm_topk, y->scaling, y->shared, y->w13,
-                       y->s13, y->w2, y->s2, y->experts_bf16, y->inter, threads);
+                       y->s13, y->w2, y->s2, y->experts_bf16, y->experts_packed, y->inter, threads);
     }
     free(attended);
 }

@@ -62,7 +62,8 @@ static void pack_panel(void* panel, const void* src, int64_t K, int64_t rows, in
     else pack_one(panel, src, K, rows, 0);
 }
 
-/* Weights fp32 or (w_bf16) bf16: the element type is kept, only the order changes. */
+/* Weights fp32 or (w_bf16) bf16: the element type is kept, only the order changes. `tail` may be NULL
+ * when N is a multiple of PANEL. */
 void pack_panels(void* w, void* tail, int64_t N, int64_t K, int w_bf16, int threads) {
     const int64_t full = N / PANEL, size = w_bf16 ? 2 : 4;
 #pragma omp parallel num_threads(threads)
@@ -76,7 +77,7 @@ void pack_panels(void* w, void* tail, int64_t N, int64_t K, int w_bf16, int thre
         }
         free(slab);
     }
-    pack_panel(tail, (const char*)w + full * PANEL * K * size, K, N - full * PANEL, w_bf16);
+    if (tail) pack_panel(tail, (const char*)w + full * PANEL * K * size, K, N - full * PANEL, w_bf16);
 }
 
 /* `rows` (1..TILE_ROWS) rows of x against one panel; `cols` (1..16) valid output columns. */
@@ -150,6 +151,13 @@ void gemm_f32_packed(const float* x, const void* wp, const void* tail, int w_bf1
             panel_rows(x + mb * x_stride, x_stride, panel, w_bf16, K, y + mb * y_stride + n0, y_stride, me - mb, cols);
         }
     }
+}
+
+/* Output columns [n0, n1) (at most 16, from a multiple of 16) of y = x @ w^T for M rows of a weight
+ * packed by pack_panels, whose panel n0 / 16 starts at `panel`. */
+void gemm_cols_packed(const float* x, int64_t xs, const void* panel, int w_bf16, int64_t K, float* y, int64_t ys,
+                      int64_t M, int64_t n0, int64_t n1) {
+    panel_rows(x, xs, panel, w_bf16, K, y + n0, ys, M, n1 - n0);
 }
 
 /* Output columns [n0, n1) (at most 16) of y = x @ w^T for M rows of a row-major w: the columns are

@@ -1,9 +1,14 @@
-/* The panel product of gemm_packed.c that the grouped fp32 experts (gemm.c) use for many rows. */
+/* The panel products of gemm_packed.c that the grouped full-precision experts (gemm.c) use. */
 #ifndef ZIZHU_GEMM_PACKED_H
 #define ZIZHU_GEMM_PACKED_H
 #include <stdint.h>
 
 #define PANEL 16
+
+/* Output columns [n0, n1) (n0 a multiple of PANEL, n1 - n0 <= PANEL) of y = x @ w^T for M rows of a
+ * weight packed by pack_panels, fp32 or (w_bf16) bf16: `panel` is its panel n0 / PANEL. */
+void gemm_cols_packed(const float* x, int64_t xs, const void* panel, int w_bf16, int64_t K, float* y, int64_t ys,
+                      int64_t M, int64_t n0, int64_t n1);
 
 /* Output columns [n0, n1) (n1 - n0 <= PANEL) of y = x @ w^T for M rows of row-major w[N, K], fp32 or
  * (w_bf16) bf16, through `panel`, scratch of PANEL x K floats. */

@@ -93,8 +93,8 @@ void moe_route_f32(const float* x, int64_t x_stride, const float* w, const float
 void moe_routed_f32(const float* x, float* out, int64_t T, int64_t D, const float* norm_weight, float eps,
                     int add_input, const float* router, const float* bias, int64_t E, int scoring, int method,
                     int64_t n_group, int64_t topk_group, int64_t K, int norm, float scaling, int64_t S,
-                    const void* w13, const float* s13, const void* w2, const float* s2, int w_bf16, int64_t I,
-                    int threads) {
+                    const void* w13, const float* s13, const void* w2, const float* s2, int w_bf16, int w_packed,
+                    int64_t I, int threads) {
     float* logits = malloc(sizeof(float) * (T * E + 1));
     int64_t* routed_ids = malloc(sizeof(int64_t) * (T * K + 1));
     float* routed_weights = malloc(sizeof(float) * (T * K + 1));
@@ -120,7 +120,7 @@ void moe_routed_f32(const float* x, float* out, int64_t T, int64_t D, const floa
             weights[t * (K + S) + K + s] = 1.0f;
         }
     }
-    moe_f32(in, out, ids, weights, T, K + S, E + S, w13, s13, w2, s2, w_bf16, D, I, threads);
+    moe_f32(in, out, ids, weights, T, K + S, E + S, w13, s13, w2, s2, w_bf16, w_packed, D, I, threads);
     if (add_input)
         for (int64_t j = 0; j < T * D; j++) out[j] = x[j] + out[j];
     free(logits); free(routed_ids); free(routed_weights); free(ids); free(weights); free(normed);
