@@ -82,11 +82,26 @@ def test_layers_quantize_while_loading(tiny_checkpoints, monkeypatch):
     layers = cfg.num_hidden_layers
     assert calls == [f"DecoderLayer ({i + 1} layers loaded)" for i in range(layers)] + ["Recorded"]
     monkeypatch.undo()
-    # quantized after loading: from the checkpoint's [E, N, K] experts, not a platform's layout of them
+    # quantized after loading: from the checkpoint's weights, not a platform's layout of them
     monkeypatch.setattr(platform, "prepare_experts", lambda weight: weight)
+    monkeypatch.setattr(platform, "prepare_linear", lambda weight: weight)
     after = loader.load_model(path, cfg, platform, torch.float32)
     quantize_model(after, "int8", platform)
     a, b = during.state_dict(), after.state_dict()
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_quantizing_prepared_weights_is_refused(tiny_checkpoints):
+    """A loaded model's weights may be in its platform's layout (Platform.prepare_*, packed panels on
+    a CPU): quantizing them then would round the wrong rows, so it raises instead."""
+    from zizhu.layers.quant import PREPARED, quantize_model
+
+    path, _ = tiny_checkpoints["tiny_deepseek_v3"]
+    model = LLM(path, dtype="float32", kv_cache_memory=1 << 20).engine.model
+    prepared = model.model.layers[1].mlp.experts.w13.dim() != 3 or not isinstance(model.lm_head.weight, torch.Tensor)
+    if not prepared:
+        pytest.skip("this platform keeps the loaded layout")
+    with pytest.raises(ValueError, match=PREPARED):
+        quantize_model(model, "int8", model.platform)

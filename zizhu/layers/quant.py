@@ -42,9 +42,15 @@ def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(w.shape), scale.view(w.shape[:-1])
 
 
+# what quantizing weights that a platform has laid out for its kernels (Platform.prepare_*) raises
+PREPARED = "quantize weights as loaded, before the platform prepares them"
+
+
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, platform):
         super().__init__()
+        if not isinstance(linear.weight, torch.Tensor):
+            raise ValueError(f"{PREPARED}: {type(linear.weight).__name__}")
         q, scale = quantize_int8_rows(linear.weight.data)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.to(linear.weight.dtype))
@@ -94,7 +100,7 @@ class Int8MLP(nn.Module):
 def quantize_experts(experts: Experts) -> None:
     """Replace stacked expert weights by int8 with per-(expert, row) scales, in place."""
     if experts.w13.dim() != 3:
-        raise ValueError("experts must be quantized as loaded ([E, N, K]), before the platform prepares them")
+        raise ValueError(f"{PREPARED}: experts of shape {tuple(experts.w13.shape)}")
     for name in ("w13", "w2"):
         q, scale = quantize_int8_rows(getattr(experts, name).data)
         dtype = getattr(experts, name).dtype

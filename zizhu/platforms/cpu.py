@@ -97,19 +97,19 @@ class CpuPlatform(Platform):
             and scale.is_contiguous()
         )
 
-    # fp32 projection weights at least this large, which no cache holds (the vocabulary head), are
-    # repacked at load into 16-column panels (cpu_kernels/gemm_packed.c). int8 ones stay row-major:
-    # the integer kernel reads them faster than the panels did at 1 and 4 rows and at 64 rows with
-    # K = 1,024 (129,280 x 1,024: 5.2 vs 7.4 ms, 7.1 vs 11.5, 120 vs 143), though not at K = 256 and
-    # 16 rows or more (64 rows: 51 vs 38 ms) or K = 1,024 and 16 rows (37 vs 34). Best of 5 on 2
-    # cores, fp32, row-major native kernel vs packed: 129,280 x 256 at 64 rows 47.8 vs 25.9 ms, 32 rows
-    # 22.4 vs 14.4, 8 rows 6.9 vs 5.1, one row 4.1 vs 4.2; 129,280 x 1,024 at 64 rows 167 vs 109 ms,
-    # one row 19.4 vs 17.8 (torch: 62 and 198 ms).
-    pack_min_bytes = 16 << 20
-
+    # Full-precision projection weights handed over here (the vocabulary head, and the projections of
+    # the fused MLA decode layer) are repacked at load into 16-column panels (cpu_kernels/
+    # gemm_packed.c), which every row count then multiplies, prefill included. Against the row-major
+    # native kernel, alternating, 12 cold copies each of the small benchmark model's MLA projections
+    # (800 x 1,024, 1,536 x 512, 1,024 x 1,024): 1.08-1.12x the time at one row, 0.66-0.73x at 8 to 64
+    # rows, and at 512 and 2,048 rows 0.58-0.61x, level with MKL's GEMM (0.58-0.67x). The vocabulary
+    # head, best of 5: 129,280 x 256 at 64 rows 47.8 vs 25.9 ms, 8 rows 6.9 vs 5.1, one row 4.1 vs 4.2;
+    # 129,280 x 1,024 at 64 rows 167 vs 109 ms, one row 19.4 vs 17.8. int8 weights stay row-major: the
+    # integer kernel reads them faster than the panels did at 1 and 4 rows and at 64 rows with
+    # K = 1,024 (129,280 x 1,024: 5.2 vs 7.4 ms, 7.1 vs 11.5, 120 vs 143).
     def prepare_linear(self, weight: torch.Tensor):
         lib = cpu_kernels.load()
-        if lib is not None and cpu_kernels.can_pack(weight) and weight.numel() * weight.element_size() >= self.pack_min_bytes:
+        if lib is not None and cpu_kernels.can_pack(weight):
             return cpu_kernels.pack_weight(lib, weight)  # in place: the caller drops its [N, K] view
         return weight
 
@@ -296,7 +296,7 @@ class CpuPlatform(Platform):
         native = self._native_layers.get(layer)
         if native is None:
             f32 = torch.float32
-            projections = (layer.q_kv_a, layer.q_b, layer.o)
+            projections = tuple(cpu_kernels.stored(p) for p in (layer.q_kv_a, layer.q_b, layer.o))  # packed or not
             scales = (layer.q_kv_a_scale, layer.q_b_scale, layer.o_scale)
             if all(s is None for s in scales):  # full precision: one dtype the fp32 kernels read
                 weights_ok = projections[0].dtype in cpu_kernels.WEIGHT_DTYPES and all(

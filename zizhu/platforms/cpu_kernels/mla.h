@@ -16,7 +16,8 @@ void mla_decode_layer_f32(const float* h, float* out, int64_t B, int64_t D, cons
                           const void* q_kv_a, const float* q_kv_a_scale, int64_t QL, const float* q_a_norm,
                           float q_a_eps, const void* q_b, const float* q_b_scale, const float* kv_a_norm,
                           float kv_a_eps, const void* w_uk, const void* w_uv, int w_bf16, const void* o,
-                          const float* o_scale, int proj_bf16, int64_t H, int64_t Dn, int64_t P, int64_t Dv, int64_t R,
+                          const float* o_scale, int proj_bf16, const void* q_kv_a_tail, const void* q_b_tail,
+                          const void* o_tail, int64_t H, int64_t Dn, int64_t P, int64_t Dv, int64_t R,
                           float scale, const float* cos, const float* sin, int interleaved, void* cache,
                           int cache_bf16, const int64_t* slots, const int64_t* tables, int64_t table_stride,
                           const int64_t* seq_lens, int64_t block_size, int threads);
