@@ -235,7 +235,8 @@ def moe(
     w13: torch.Tensor, s13: torch.Tensor | None, w2: torch.Tensor, s2: torch.Tensor | None,
 ) -> torch.Tensor:
     """All routed experts of a layer, grouping and weighted sum included, in one native call.
-    Weights are int8 with per-row scales, or fp32 or bf16 with both scales None."""
+    Weights are int8 with per-row scales, or fp32 or bf16 with both scales None, `[E, N, K]` or as
+    pack_experts left them."""
     num_tokens, top_k = topk_ids.shape
     num_experts, two_inter, hidden = w13.shape[0], expert_rows(w13), x.shape[-1]
     x = x.contiguous()
