@@ -7,7 +7,7 @@
  * two bmms, mask, softmax); at batch 1 their dispatch costs more than their arithmetic. Three
  * phases share one parallel region:
  * 1. absorb q: per head, so each W_UK[h] row is read from memory once for the whole batch;
- * 2. attend: per (sequence, group of heads), so each cached row is read once for the group;
+ * 2. attend: per sequence and panel of 16 heads, so each cached row is read once for the panel;
  * 3. project out: per head, W_UV[h] rows read once for the whole batch.
  */
 #include <math.h>
@@ -48,100 +48,180 @@ static inline __attribute__((always_inline)) void dots(const float* a, int64_t a
     }
 }
 
-/* Scores of four heads against up to three cached rows: out[i][j] = q_lat_i . row_j[0..R) +
- * q_pe_i . row_j[R..R+P), for the query rows q_lat + i * qls and q_pe + i * qps. Each cached vector
- * feeds four FMAs and each query vector up to three, twelve independent sums. One row against four
- * heads at a time (dots) scored 32 sequences x 190 tokens at 3-4 multiply-adds a cycle; this tile
- * takes the whole decode from 2.48 to 2.22 ms there, 105 to 94 us at batch 1 (alternating, best
- * of 40 / 200). Every sum runs over k in 8-wide steps into one accumulator, then across its lanes,
- * the same for any number of heads or rows in the call, so a score does not depend on the batch. */
-static inline __attribute__((always_inline)) void scores4(const float* ql, int64_t qls, const float* qp, int64_t qps,
-                                                          const int nh, const void* const* row, const int nr,
-                                                          const int cbf16, int64_t R, int64_t P, float out[4][3]) {
-    __m256 acc[4][3];
-    for (int i = 0; i < nh; i++)
-        for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();
-    const int64_t R8 = R & ~(int64_t)7, P8 = P & ~(int64_t)7;
-    for (int64_t k = 0; k < R8; k += 8) {
-        __m256 c[3];
-        for (int j = 0; j < nr; j++) c[j] = load_w(row[j], k, cbf16);
-        for (int i = 0; i < nh; i++) {
-            const __m256 q = _mm256_loadu_ps(ql + i * qls + k);
-            for (int j = 0; j < nr; j++) acc[i][j] = _mm256_fmadd_ps(q, c[j], acc[i][j]);
+/* The attention products are panel products (as gemm_packed.c's) with a group's heads as the panel's
+ * columns, 16 (or 8 when a group has no more heads): the sequence's queries, transposed to
+ * qt[k][16], are the panel, so a score tile is six cached rows against the group's heads, per k six
+ * broadcasts of the rows and two panel vectors into twelve sums; the weighted sum of c_kv rows is
+ * four heads against 24 latent columns, per cached row three vectors of it and four broadcast
+ * probabilities. Each score and each output sums in one fixed order (k, then cached row j, from
+ * zero), each head in a lane of its own, whatever the batch, the width of the panel or the split
+ * across threads, so a sequence's result does not depend on its neighbours. Against four heads x
+ * three rows then four heads x 24 columns over rows scored apart, alternating, one layer of the
+ * small benchmark model at 192 cached tokens (cold cache): 64 sequences 0.82x the time (fp32 cache)
+ * and 0.89x (bf16), 8 sequences 0.83x, one 0.98x; at 2,000 tokens 8 sequences 0.66x, one 0.91x
+ * (bf16 1.01x); a 64-sequence fp32 decode step 0.97x. */
+#define HEAD_PANEL 16
+#define TILE 6
+
+/* s[i][c] = scale * row_i . qt[., c] for `nr` (1..TILE) fp32 rows and the 8 * nv columns of qt
+ * [W][8 nv]. The `nn` rows of the next tile are prefetched meanwhile, a line of each every 16 k:
+ * cached rows sit in scattered blocks, out of the hardware prefetchers' sight, and a step reads
+ * them from DRAM. */
+static inline __attribute__((always_inline)) void score_tile(const float* const* row, const int nr, const float* qt,
+                                                             const int nv, int64_t W, float scale, float* s,
+                                                             const void* const* next, int nn, int64_t row_bytes) {
+    const int pw = 8 * nv;
+    __m256 c0[TILE], c1[TILE];
+    for (int i = 0; i < nr; i++) c0[i] = c1[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < W; k++) {
+        if ((k & 15) == 0 && k * 4 < row_bytes)
+            for (int i = 0; i < nn; i++) _mm_prefetch((const char*)next[i] + k * 4, _MM_HINT_T0);
+        const __m256 w0 = _mm256_loadu_ps(qt + k * pw);
+        const __m256 w1 = nv == 2 ? _mm256_loadu_ps(qt + k * pw + 8) : w0;
+        for (int i = 0; i < nr; i++) {
+            const __m256 b = _mm256_broadcast_ss(row[i] + k);
+            c0[i] = _mm256_fmadd_ps(b, w0, c0[i]);
+            if (nv == 2) c1[i] = _mm256_fmadd_ps(b, w1, c1[i]);
         }
     }
-    for (int64_t k = 0; k < P8; k += 8) {
-        __m256 c[3];
-        for (int j = 0; j < nr; j++) c[j] = load_w(row[j], R + k, cbf16);
-        for (int i = 0; i < nh; i++) {
-            const __m256 q = _mm256_loadu_ps(qp + i * qps + k);
-            for (int j = 0; j < nr; j++) acc[i][j] = _mm256_fmadd_ps(q, c[j], acc[i][j]);
+    const __m256 sv = _mm256_set1_ps(scale);
+    for (int i = 0; i < nr; i++) {
+        _mm256_storeu_ps(s + i * pw, _mm256_mul_ps(c0[i], sv));
+        if (nv == 2) _mm256_storeu_ps(s + i * pw + 8, _mm256_mul_ps(c1[i], sv));
+    }
+}
+
+/* Scores of a sequence's `len` cached rows against a panel of 8 * nv heads, into s[j][8 nv]; a bf16
+ * cache's rows are widened to `wide` (TILE x W floats) first, since a broadcast from bf16 costs
+ * four instructions. */
+static inline __attribute__((always_inline)) void score_rows(const void* const* rows, int64_t len, const int cbf16,
+                                                             const float* qt, const int nv, int64_t W, float scale,
+                                                             float* s, float* wide) {
+    const int64_t W8 = W & ~(int64_t)7, row_bytes = W * (cbf16 ? 2 : 4);
+    for (int64_t j = 0; j < len; j += TILE) {
+        const int nr = len - j < TILE ? (int)(len - j) : TILE;
+        const float* r[TILE];
+        for (int i = 0; i < nr; i++) {
+            if (cbf16) {
+                const uint16_t* src = rows[j + i];
+                float* dst = wide + i * W;
+                for (int64_t k = 0; k < W8; k += 8) _mm256_storeu_ps(dst + k, load_bf16(src + k));
+                for (int64_t k = W8; k < W; k++) dst[k] = bf16_to_f32(src[k]);
+                r[i] = dst;
+            } else {
+                r[i] = (const float*)rows[j + i];
+            }
+        }
+        float* out = s + j * 8 * nv;
+        const int nn = len - j - nr < TILE ? (int)(len - j - nr) : TILE;
+        const void* const* next = rows + j + nr;
+        switch (nr) {
+            case 6: score_tile(r, 6, qt, nv, W, scale, out, next, nn, row_bytes); break;
+            case 5: score_tile(r, 5, qt, nv, W, scale, out, next, nn, row_bytes); break;
+            case 4: score_tile(r, 4, qt, nv, W, scale, out, next, nn, row_bytes); break;
+            case 3: score_tile(r, 3, qt, nv, W, scale, out, next, nn, row_bytes); break;
+            case 2: score_tile(r, 2, qt, nv, W, scale, out, next, nn, row_bytes); break;
+            default: score_tile(r, 1, qt, nv, W, scale, out, next, nn, row_bytes); break;
         }
     }
-    for (int i = 0; i < nh; i++)
-        for (int j = 0; j < nr; j++) {
-            float t = hsum8(acc[i][j]);
-            for (int64_t k = R8; k < R; k++) t += ql[i * qls + k] * scalar_w(row[j], k, cbf16);
-            for (int64_t k = P8; k < P; k++) t += qp[i * qps + k] * scalar_w(row[j], R + k, cbf16);
-            out[i][j] = t;
+}
+
+/* In place over s[len][8 nv]: each column's exp(s - max) (softmax without the division); inv[c]
+ * gets 1 / the column's sum. The columns are the panel's heads, nv vectors per cached row, each
+ * lane on its own, so a head's result does not depend on the panel's width. */
+static inline __attribute__((always_inline)) void exp_columns(float* s, int64_t len, const int nv, float* inv) {
+    for (int v = 0; v < nv; v++) {
+        float* col = s + 8 * v;
+        __m256 m = _mm256_set1_ps(-INFINITY), t = _mm256_setzero_ps();
+        for (int64_t j = 0; j < len; j++) m = _mm256_max_ps(m, _mm256_loadu_ps(col + j * 8 * nv));
+        for (int64_t j = 0; j < len; j++) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(col + j * 8 * nv), m));
+            _mm256_storeu_ps(col + j * 8 * nv, e);
+            t = _mm256_add_ps(t, e);
         }
+        _mm256_storeu_ps(inv + 8 * v, _mm256_div_ps(_mm256_set1_ps(1.0f), t));
+    }
 }
 
-/* scores4 for nh heads (a constant where inlined) and nr = 1-3 rows, each row count compiled apart. */
-static inline __attribute__((always_inline)) void scores_rows(const float* ql, int64_t qls, const float* qp, int64_t qps,
-                                                              const int nh, const void* const* row, int nr,
-                                                              const int cbf16, int64_t R, int64_t P, float out[4][3]) {
-    if (nr == 3) scores4(ql, qls, qp, qps, nh, row, 3, cbf16, R, P, out);
-    else if (nr == 2) scores4(ql, qls, qp, qps, nh, row, 2, cbf16, R, P, out);
-    else scores4(ql, qls, qp, qps, nh, row, 1, cbf16, R, P, out);
-}
-
-/* Sums y_i[8v..8v+8) = sum_j c[i * cs + j] * x_j[offset + 8v..offset + 8v + 8), x_j = src[j] (fp32 or,
- * with cbf16, bf16 rows), for up to four i and three v, in order of j from zero: each loaded vector
- * of x_j feeds four FMAs and each broadcast coefficient three (eight coefficients per vector of x_j
- * needed nine loads per eight FMAs, and loads, not FMAs, set the pace on this CPU). */
-static inline __attribute__((always_inline)) void weighted_tile(const float* c, int64_t cs, const int nh,
-                                                                const void* const* src, int64_t offset, const int nv,
-                                                                const int cbf16, int64_t len, float* y, int64_t ys) {
+/* o[i][c] = inv[i] * sum_j p[j][i] * row_j[r0 + c] for `nh` (1..4) heads (columns of p, rows of p ps apart)
+ * and 8 * nv (8, 16 or 24) columns of the cached rows (fp32 or bf16) from r0, summed over j in
+ * order: per cached row nv vectors of it and nh broadcast probabilities feed nh * nv sums (four
+ * heads of 24 columns: twelve sums for seven loads). */
+static inline __attribute__((always_inline)) void value_tile(const float* p, int64_t ps, const float* inv, const int nh,
+                                                             const void* const* rows, const int cbf16, int64_t len,
+                                                             int64_t r0, const int nv, float* o, int64_t os) {
     __m256 acc[4][3];
     for (int i = 0; i < nh; i++)
         for (int v = 0; v < nv; v++) acc[i][v] = _mm256_setzero_ps();
     for (int64_t j = 0; j < len; j++) {
         __m256 x[3];
-        for (int v = 0; v < nv; v++) x[v] = load_w(src[j], offset + 8 * v, cbf16);
+        for (int v = 0; v < nv; v++) x[v] = load_w(rows[j], r0 + 8 * v, cbf16);
         for (int i = 0; i < nh; i++) {
-            const __m256 p = _mm256_broadcast_ss(c + i * cs + j);
-            for (int v = 0; v < nv; v++) acc[i][v] = _mm256_fmadd_ps(p, x[v], acc[i][v]);
+            const __m256 b = _mm256_broadcast_ss(p + j * ps + i);
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm256_fmadd_ps(b, x[v], acc[i][v]);
         }
     }
-    for (int i = 0; i < nh; i++)
-        for (int v = 0; v < nv; v++) _mm256_storeu_ps(y + i * ys + 8 * v, acc[i][v]);
+    for (int i = 0; i < nh; i++) {
+        const __m256 scale = _mm256_set1_ps(inv[i]);
+        for (int v = 0; v < nv; v++) _mm256_storeu_ps(o + i * os + 8 * v, _mm256_mul_ps(acc[i][v], scale));
+    }
 }
 
-/* weighted_tile for nh sums (a constant where inlined) and the widest of 24, 16 or 8 of the `left`
- * columns from `offset`; returns the columns done. */
-static inline __attribute__((always_inline)) int64_t weighted_cols(const float* c, int64_t cs, const int nh,
-                                                                   const void* const* src, int64_t offset,
-                                                                   int64_t left, const int cbf16, int64_t len,
-                                                                   float* y, int64_t ys) {
-    if (left >= 24) { weighted_tile(c, cs, nh, src, offset, 3, cbf16, len, y, ys); return 24; }
-    if (left >= 16) { weighted_tile(c, cs, nh, src, offset, 2, cbf16, len, y, ys); return 16; }
-    weighted_tile(c, cs, nh, src, offset, 1, cbf16, len, y, ys);
+/* value_tile for nh heads (a constant where inlined) and the widest of 24, 16 or 8 of the `left`
+ * columns from r0; returns the columns done. */
+static inline __attribute__((always_inline)) int64_t value_cols(const float* p, int64_t ps, const float* inv, const int nh,
+                                                                const void* const* rows, const int cbf16, int64_t len,
+                                                                int64_t r0, int64_t left, float* o, int64_t os) {
+    if (left >= 24) { value_tile(p, ps, inv, nh, rows, cbf16, len, r0, 3, o, os); return 24; }
+    if (left >= 16) { value_tile(p, ps, inv, nh, rows, cbf16, len, r0, 2, o, os); return 16; }
+    value_tile(p, ps, inv, nh, rows, cbf16, len, r0, 1, o, os);
     return 8;
 }
 
-/* weighted_tile over `count` sums and the columns [0, R8) of every x_j, R8 a multiple of 8: four
- * sums at a time, then one. */
-static inline __attribute__((always_inline)) void weighted(const float* c, int64_t cs, int64_t count,
-                                                           const void* const* src, int64_t R8, const int cbf16,
-                                                           int64_t len, float* y, int64_t ys) {
-    for (int64_t i = 0; i < count;) {
-        const int four = count - i >= 4;
-        for (int64_t r = 0; r < R8;)
-            r += four ? weighted_cols(c + i * cs, cs, 4, src, r, R8 - r, cbf16, len, y + i * ys + r, ys)
-                      : weighted_cols(c + i * cs, cs, 1, src, r, R8 - r, cbf16, len, y + i * ys + r, ys);
-        i += four ? 4 : 1;
+/* The attended latent of `nh` heads of a panel: o[h][r] for h < nh and r < R, rows of o R apart;
+ * four heads at a time over the columns in tiles of 24, then the heads left, then the last R % 8
+ * columns one by one. */
+static void values(const float* p, int64_t ps, const float* inv, int64_t nh, const void* const* rows, const int cbf16,
+                   int64_t len, int64_t R, float* o) {
+    const int64_t R8 = R & ~(int64_t)7;
+    for (int64_t h = 0; h < nh;) {
+        const int64_t n = nh - h < 4 ? nh - h : 4;
+        for (int64_t r = 0; r < R8;) {
+            float* oh = o + h * R + r;
+            switch (n) {
+                case 4: r += value_cols(p + h, ps, inv + h, 4, rows, cbf16, len, r, R8 - r, oh, R); break;
+                case 3: r += value_cols(p + h, ps, inv + h, 3, rows, cbf16, len, r, R8 - r, oh, R); break;
+                case 2: r += value_cols(p + h, ps, inv + h, 2, rows, cbf16, len, r, R8 - r, oh, R); break;
+                default: r += value_cols(p + h, ps, inv + h, 1, rows, cbf16, len, r, R8 - r, oh, R); break;
+            }
+        }
+        h += n;
     }
+    for (int64_t i = 0; i < nh; i++)
+        for (int64_t r = R8; r < R; r++) {
+            float t = 0.0f;
+            for (int64_t j = 0; j < len; j++) t = fmaf(p[j * ps + i], scalar_w(rows[j], r, cbf16), t);
+            o[i * R + r] = t * inv[i];
+        }
+}
+
+/* The attention of one sequence's `nh` heads (at most 8 nv) from h0: transposed queries into qt,
+ * scores, exponentials, then the weighted c_kv rows (which the scores left in L2) into o_lat. */
+static inline __attribute__((always_inline)) void attend(int64_t b, int64_t h0, int64_t nh, const int nv,
+                                                         const float* q_lat, const float* q_pe, int64_t qp_sb,
+                                                         int64_t qp_sh, const void* const* rows, const int cbf16,
+                                                         int64_t len, float* o_lat, int64_t H, int64_t R, int64_t P,
+                                                         float scale, float* qt, float* st, float* wide) {
+    const int pw = 8 * nv;
+    float inv[HEAD_PANEL];
+    for (int64_t k = 0; k < R + P; k++)
+        for (int64_t c = 0; c < pw; c++)
+            qt[k * pw + c] = c >= nh ? 0.0f
+                             : k < R ? q_lat[(b * H + h0 + c) * R + k]
+                                     : q_pe[b * qp_sb + (h0 + c) * qp_sh + k - R];
+    score_rows(rows, len, cbf16, qt, nv, R + P, scale, st, wide);
+    exp_columns(st, len, nv, inv);
+    values(st, pw, inv, nh, rows, cbf16, len, R, o_lat + (b * H + h0) * R);
 }
 
 /* The absorbed query of one row: y = sum_n q[n] * W[n], the running sums kept in y (in L1) rather
@@ -202,66 +282,6 @@ static inline __attribute__((always_inline)) void absorb4(const float* q, int64_
         }
 }
 
-/* softmax of s[0..n) in place */
-static void softmax(float* s, int64_t n) {
-    float m = -INFINITY;
-    for (int64_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
-    const __m256 mv = _mm256_set1_ps(m);
-    __m256 sum = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-        _mm256_storeu_ps(s + j, e);
-        sum = _mm256_add_ps(sum, e);
-    }
-    float total = hsum8(sum);
-    for (; j < n; j++) {
-        float tail[8] = {s[j] - m};
-        _mm256_storeu_ps(tail, exp8(_mm256_loadu_ps(tail)));
-        total += (s[j] = tail[0]);
-    }
-    const float inv = 1.0f / total;
-    for (j = 0; j < n; j++) s[j] *= inv;
-}
-
-/* Attention of heads [h0, h1) of sequence b over its cached rows (row pointers in `rows`, fp32 or,
- * with cbf16, bf16 rows: a bf16 model's cache); q_lat and o_lat are [B, H, R]. */
-static inline __attribute__((always_inline)) void attend(int64_t b, int64_t h0, int64_t h1, const float* q_lat,
-                                                         const float* q_pe, int64_t qp_sb, int64_t qp_sh,
-                                                         const void* const* rows, const int cbf16, int64_t len,
-                                                         float* o_lat, float* scores, int64_t H, int64_t R, int64_t P,
-                                                         float scale) {
-    const int64_t nh = h1 - h0, row_bytes = (R + P) * (cbf16 ? 2 : 4);
-    for (int64_t j = 0; j < len; j += 3) {
-        const int nr = len - j < 3 ? (int)(len - j) : 3;
-        /* the next group's rows, ahead of use: rows sit in scattered blocks, out of the prefetchers' sight */
-        for (int64_t n = j + 3; n < j + 6 && n < len; n++)
-            for (int64_t at = 0; at < row_bytes; at += 64) _mm_prefetch((const char*)rows[n] + at, _MM_HINT_T0);
-        for (int64_t h = h0; h < h1;) {
-            const int four = h1 - h >= 4;  /* four heads at a time, then one */
-            const float* ql = q_lat + (b * H + h) * R;
-            const float* qp = q_pe + b * qp_sb + h * qp_sh;
-            float s[4][3];
-            if (four) scores_rows(ql, R, qp, qp_sh, 4, rows + j, nr, cbf16, R, P, s);
-            else scores_rows(ql, R, qp, qp_sh, 1, rows + j, nr, cbf16, R, P, s);
-            for (int i = 0; i < (four ? 4 : 1); i++)
-                for (int n = 0; n < nr; n++) scores[(h - h0 + i) * len + j + n] = s[i][n] * scale;
-            h += four ? 4 : 1;
-        }
-    }
-    for (int64_t i = 0; i < nh; i++) softmax(scores + i * len, len);
-    /* o[i] = sum_j p[i, j] * c_kv_j, the heads' sums in registers */
-    float* o = o_lat + (b * H + h0) * R;
-    const int64_t R8 = R & ~(int64_t)7;
-    weighted(scores, len, nh, rows, R8, cbf16, len, o, R);
-    for (int64_t r = R8; r < R; r++)
-        for (int64_t i = 0; i < nh; i++) {
-            float t = 0.0f;
-            for (int64_t j = 0; j < len; j++) t += scores[i * len + j] * scalar_w(rows[j], r, cbf16);
-            o[i * R + r] = t;
-        }
-}
-
 /* The whole decode for one weight type and one cache type, bf16 and cbf16 constants where this is
  * inlined, so every inner loop is compiled for them without a branch per load. */
 static inline __attribute__((always_inline)) void decode(
@@ -271,14 +291,14 @@ static inline __attribute__((always_inline)) void decode(
     int64_t Dn, int64_t Dv, int64_t R, int64_t P, int64_t block_size, float scale, int threads) {
     int64_t max_len = 0;
     for (int64_t b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
-    /* enough (sequence, head group) items to keep every thread busy, in groups that divide H: a
-     * whole number of items per thread, or at least two each. Groups no smaller than needed: a
-     * group's heads share each cached row's loads, and eight of them fill the FMA pipes (at batch 1,
-     * two groups of eight against four of four: 117 -> 107 us per layer at 190 cached tokens) */
+    /* enough (sequence, head group) items to keep every thread busy, in groups of at most a panel's
+     * 16 heads that divide H: a whole number of items per thread, or at least two each, and no more
+     * groups than that, since a group's heads share each cached row's loads */
     int64_t groups = 1;
-    while (groups < H && (((B * groups) % threads != 0 && B * groups < 2 * threads) || H % groups != 0)) groups++;
-    const int64_t per_group = H / groups;
-    const int64_t W = R + P;
+    while (groups < H && (((B * groups) % threads != 0 && B * groups < 2 * threads) || H % groups != 0
+                          || H / groups > HEAD_PANEL))
+        groups++;
+    const int64_t per_group = H / groups, W = R + P;
 
 #pragma omp parallel num_threads(threads)
     {
@@ -295,18 +315,30 @@ static inline __attribute__((always_inline)) void decode(
                     for (int64_t b = b0; b < B; b++)
                         absorb_row(q + (b - b0) * qn_sb, w_uk, bf16, h * Dn * R, Dn, R, y + (b - b0) * H * R);
             }
-        /* 2. attend, per (sequence, group of heads) */
-        float* scores = malloc(sizeof(float) * per_group * (max_len > 0 ? max_len : 1));
-        const void** rows = malloc(sizeof(void*) * (max_len > 0 ? max_len : 1));
+        /* 2. attend, per (sequence, group of heads): the group's queries transposed into a panel,
+         *    the scores of every cached row, their exponentials, the weighted c_kv rows (which the
+         *    scores left in L2) */
+        float* qt = malloc(sizeof(float) * W * HEAD_PANEL);
+        float* st = malloc(sizeof(float) * (max_len + 1) * HEAD_PANEL);
+        const void** rows = malloc(sizeof(void*) * (max_len + 1));
+        float* wide = cbf16 ? malloc(sizeof(float) * TILE * W) : NULL;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < B * groups; item++) {
-            const int64_t b = item / groups, h0 = (item % groups) * per_group, len = seq_lens[b];
+            const int64_t b = item / groups, h0 = item % groups * per_group, len = seq_lens[b];
+            if (len <= 0) {  /* nothing cached: nothing attended */
+                memset(o_lat + (b * H + h0) * R, 0, sizeof(float) * per_group * R);
+                continue;
+            }
             const int64_t* table = tables + b * table_stride;
-            for (int64_t j = 0; j < len; j++) rows[j] = w_at(cache, (table[j / block_size] * block_size + j % block_size) * W, cbf16);
-            attend(b, h0, h0 + per_group, q_lat, q_pe, qp_sb, qp_sh, rows, cbf16, len, o_lat, scores, H, R, P, scale);
+            for (int64_t j = 0, blk = 0; j < len; blk++)
+                for (int64_t i = 0; i < block_size && j < len; i++, j++)
+                    rows[j] = w_at(cache, (table[blk] * block_size + i) * W, cbf16);
+            if (per_group > 8)
+                attend(b, h0, per_group, 2, q_lat, q_pe, qp_sb, qp_sh, rows, cbf16, len, o_lat, H, R, P, scale, qt, st, wide);
+            else
+                attend(b, h0, per_group, 1, q_lat, q_pe, qp_sb, qp_sh, rows, cbf16, len, o_lat, H, R, P, scale, qt, st, wide);
         }
-        free(scores);
-        free(rows);
+        free(qt); free(st); free(rows); free(wide);
         /* 3. project out: out[b, h, v] = W_UV[h, v] . o_lat[b, h], four sequences per weight row, in
          *    blocks of V_BLOCK weight rows that stay in L1 while every sequence passes (row by row,
          *    a head's 32 sequences re-read 32 KB of o_lat from L2 for each weight row) */
