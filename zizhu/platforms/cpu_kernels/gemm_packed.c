@@ -87,7 +87,7 @@ void pack_panels(void* w, void* tail, int64_t N, int64_t K, int w_bf16, int thre
 
 /* `rows` (1..TILE_ROWS) rows of x against one panel; `cols` (1..16) valid output columns; with `acc`,
  * added to what y holds (a later part of the panel's K). */
-static inline __attribute__((always_inline)) void tile(const float* x, int64_t xs, const void* wp, const int bf16,
+static inline __attribute__((always_inline)) void tile(const float* x, int64_t xi, int64_t xk, const void* wp, const int bf16,
                                                        int64_t K, float* y, int64_t ys, const int rows, int64_t cols,
                                                        int acc) {
     const int64_t size = bf16 ? 2 : 4;
@@ -117,7 +117,7 @@ static inline __attribute__((always_inline)) void tile(const float* x, int64_t x
             w1 = _mm256_loadu_ps((const float*)wp + k * PANEL + 8);
         }
         for (int i = 0; i < rows; i++) {
-            const __m256 b = _mm256_broadcast_ss(x + i * xs + k);
+            const __m256 b = _mm256_broadcast_ss(x + i * xi + k * xk);
             c0[i] = _mm256_fmadd_ps(b, w0, c0[i]);
             c1[i] = _mm256_fmadd_ps(b, w1, c1[i]);
         }
@@ -131,50 +131,80 @@ static inline __attribute__((always_inline)) void tile(const float* x, int64_t x
     }
 }
 
-/* M rows of x against one panel: tiles of TILE_ROWS rows, then one tile of the rows left. */
-static inline __attribute__((always_inline)) void rows_of(const float* x, int64_t xs, const void* panel, const int bf16,
-                                                          int64_t K, float* y, int64_t ys, int64_t M, int64_t cols, int acc) {
-    int64_t m = 0;
-    for (; m + TILE_ROWS <= M; m += TILE_ROWS) tile(x + m * xs, xs, panel, bf16, K, y + m * ys, ys, TILE_ROWS, cols, acc);
-    const float* xr = x + m * xs;
+/* M rows of x against one panel: tiles of TILE_ROWS rows, then one tile of the rows left. Row i, column k
+ * of tile t is x[t * xt + i * xi + k * xk]. */
+static inline __attribute__((always_inline)) void rows_of(const float* x, int64_t xi, int64_t xk, int64_t xt,
+                                                          const void* panel, const int bf16, int64_t K, float* y,
+                                                          int64_t ys, int64_t M, int64_t cols, int acc) {
+    int64_t m = 0, t = 0;
+    for (; m + TILE_ROWS <= M; m += TILE_ROWS, t++)
+        tile(x + t * xt, xi, xk, panel, bf16, K, y + m * ys, ys, TILE_ROWS, cols, acc);
+    const float* xr = x + t * xt;
     float* yr = y + m * ys;
     switch (M - m) {
-        case 5: tile(xr, xs, panel, bf16, K, yr, ys, 5, cols, acc); break;
-        case 4: tile(xr, xs, panel, bf16, K, yr, ys, 4, cols, acc); break;
-        case 3: tile(xr, xs, panel, bf16, K, yr, ys, 3, cols, acc); break;
-        case 2: tile(xr, xs, panel, bf16, K, yr, ys, 2, cols, acc); break;
-        case 1: tile(xr, xs, panel, bf16, K, yr, ys, 1, cols, acc); break;
+        case 5: tile(xr, xi, xk, panel, bf16, K, yr, ys, 5, cols, acc); break;
+        case 4: tile(xr, xi, xk, panel, bf16, K, yr, ys, 4, cols, acc); break;
+        case 3: tile(xr, xi, xk, panel, bf16, K, yr, ys, 3, cols, acc); break;
+        case 2: tile(xr, xi, xk, panel, bf16, K, yr, ys, 2, cols, acc); break;
+        case 1: tile(xr, xi, xk, panel, bf16, K, yr, ys, 1, cols, acc); break;
         default: break;
+    }
+}
+
+static void panel_rows_x(const float* x, int64_t xi, int64_t xk, int64_t xt, const void* panel, int w_bf16, int64_t K,
+                         float* y, int64_t ys, int64_t M, int64_t cols) {
+    const int64_t chunk = M > TILE_ROWS ? CHUNK_BYTES / (PANEL * (w_bf16 ? 2 : 4)) : K;
+    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+        const int64_t kc = K - k0 < chunk ? K - k0 : chunk;
+        const void* part = w_at(panel, k0 * PANEL, w_bf16);
+        if (w_bf16) rows_of(x + k0 * xk, xi, xk, xt, part, 1, kc, y, ys, M, cols, k0 > 0);
+        else rows_of(x + k0 * xk, xi, xk, xt, part, 0, kc, y, ys, M, cols, k0 > 0);
     }
 }
 
 static void panel_rows(const float* x, int64_t xs, const void* panel, int w_bf16, int64_t K, float* y, int64_t ys,
                        int64_t M, int64_t cols) {
-    const int64_t chunk = M > TILE_ROWS ? CHUNK_BYTES / (PANEL * (w_bf16 ? 2 : 4)) : K;
-    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
-        const int64_t kc = K - k0 < chunk ? K - k0 : chunk;
-        const void* part = w_at(panel, k0 * PANEL, w_bf16);
-        if (w_bf16) rows_of(x + k0, xs, part, 1, kc, y, ys, M, cols, k0 > 0);
-        else rows_of(x + k0, xs, part, 0, kc, y, ys, M, cols, k0 > 0);
+    panel_rows_x(x, xs, 1, TILE_ROWS * xs, panel, w_bf16, K, y, ys, M, cols);
+}
+
+/* Rows [0, M) of x as tiles of TILE_ROWS rows, each k's rows together (tile t, row i, column k at
+ * xp[(t * K + k) * TILE_ROWS + i], rows past M zero), so a tile's broadcasts read one sequential
+ * stream instead of six rows 4 KB apart. Alternating builds: the 129,280 x 1,024 head at 64 rows
+ * 0.96x the time; a 64-sequence fp32 decode step of the small model 0.986x and 0.989x, its prefill
+ * 0.97x and 1.00x. */
+static void pack_rows(const float* x, int64_t xs, int64_t M, int64_t K, float* xp) {
+    const int64_t tiles = (M + TILE_ROWS - 1) / TILE_ROWS;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        float* dst = xp + t * K * TILE_ROWS;
+        const int64_t rows = M - t * TILE_ROWS < TILE_ROWS ? M - t * TILE_ROWS : TILE_ROWS;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t i = 0; i < TILE_ROWS; i++) dst[k * TILE_ROWS + i] = i < rows ? x[(t * TILE_ROWS + i) * xs + k] : 0.0f;
     }
 }
 
-/* Each thread takes whole panels; within a panel every tile of rows reuses it from L1 (or L2). */
+/* Each thread takes whole panels; within a panel every tile of rows reuses it from L1 (or L2). The rows
+ * of a block are packed first (pack_rows), by both threads, when there is more than one tile. */
 void gemm_f32_packed(const float* x, const void* wp, const void* tail, int w_bf16, float* y, int64_t M, int64_t N,
                      int64_t K, int64_t x_stride, int64_t y_stride, int threads) {
     const int64_t panels = (N + PANEL - 1) / PANEL;
     int64_t block = ROW_BLOCK_BYTES / (K * (int64_t)sizeof(float)) / TILE_ROWS * TILE_ROWS;
     if (block < TILE_ROWS) block = TILE_ROWS;
+    const int pack = M > TILE_ROWS;
+    float* xp = pack ? malloc(sizeof(float) * K * ((block < M ? block : M) + TILE_ROWS)) : NULL;
 #pragma omp parallel num_threads(threads)
     for (int64_t mb = 0; mb < M; mb += block) {
         const int64_t me = mb + block < M ? mb + block : M;
+        if (pack) pack_rows(x + mb * x_stride, x_stride, me - mb, K, xp);  /* ends in a barrier */
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; p++) {
             const void* panel = p < N / PANEL ? w_at(wp, p * K * PANEL, w_bf16) : tail;
             const int64_t n0 = p * PANEL, cols = N - n0 < PANEL ? N - n0 : PANEL;
-            panel_rows(x + mb * x_stride, x_stride, panel, w_bf16, K, y + mb * y_stride + n0, y_stride, me - mb, cols);
+            if (pack) panel_rows_x(xp, 1, TILE_ROWS, K * TILE_ROWS, panel, w_bf16, K, y + mb * y_stride + n0, y_stride, me - mb, cols);
+            else panel_rows(x + mb * x_stride, x_stride, panel, w_bf16, K, y + mb * y_stride + n0, y_stride, me - mb, cols);
         }
     }
+    free(xp);
 }
 
 /* Output columns [n0, n1) (at most 16, from a multiple of 16) of y = x @ w^T for M rows of a weight
