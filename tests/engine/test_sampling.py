@@ -6,6 +6,7 @@ import torch
 from zizhu import LLM, SamplingParams
 from zizhu.engine.request import Request
 from zizhu.engine.sampler import Sampler
+from zizhu.platforms import cpu_kernels
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,29 @@ def test_n_samples_differ_and_reproduce(llm):
     seqs = [tuple(o.token_ids) for o in first.outputs]
     assert len(set(seqs)) == 3
     assert seqs == [tuple(o.token_ids) for o in second.outputs]
+    _assert_idle(llm)
+
+
+def test_greedy_rows_take_the_screened_head(llm, monkeypatch):
+    """Plain greedy rows get their tokens from model.greedy_tokens (on the CPU the screened head,
+    greedy_head.c), rows that need logits (logprobs, a penalty) from the full logits; the tokens are
+    the same either way, alone or mixed in one batch."""
+    model = llm.engine.model
+    if llm.engine.platform.name == "cpu" and cpu_kernels.load() is not None:
+        assert model.head_screen is not None
+    rows = []
+    screened = model.greedy_tokens
+    monkeypatch.setattr(model, "greedy_tokens", lambda hidden: rows.append(hidden.shape[0]) or screened(hidden))
+    prompts = [_prompt(n, 20 + n) for n in (5, 9, 14, 3)]
+    plain = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    full = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    fast = [o.outputs[0].token_ids for o in llm.generate(prompts, plain)]
+    assert rows and max(rows) == 4
+    rows.clear()
+    slow = [o.outputs[0].token_ids for o in llm.generate(prompts, full)]
+    assert not rows and slow == fast
+    mixed = llm.generate(prompts, [plain, full, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, presence_penalty=0.0), full])
+    assert [o.outputs[0].token_ids for o in mixed] == fast and max(rows) == 2
     _assert_idle(llm)
 
 

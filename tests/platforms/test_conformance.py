@@ -12,7 +12,7 @@ import torch
 from zizhu import ops
 from zizhu.errors import ConfigError
 from zizhu.layers.quant import quantize_int8_rows
-from zizhu.platforms import Platform, get_platform
+from zizhu.platforms import Platform, cpu_kernels, get_platform
 
 
 @pytest.fixture(scope="module")
@@ -498,6 +498,39 @@ def test_argmax(platform, rows, vocab):
     want = logits.argmax(dim=-1)
     assert torch.equal(got, want)
     assert int(got[0]) == int(top[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab,k", [(1, 1000, 64), (7, 4099, 33), (64, 2000, 256), (13, 37, 1)])
+def test_greedy_head(platform, rows, vocab, k, dtype):
+    """Greedy tokens from the head (greedy_head, with the platform's screen) are the argmax of the
+    platform's own full product, bit for bit, where a screen cannot tell the winners apart: rows of
+    the head equal to one part in 10^7 (one exactly equal, so the first index must win), an outlier
+    row, rows of x with one dominant element, and rows with a NaN or an inf."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(vocab, k, generator=g) * 0.05
+    twins = list(range(5, vocab, max(1, vocab // 40)))
+    for j in twins:
+        w[j] = w[3] * (1 + 1e-7 * torch.randn(k, generator=g))
+    if vocab > 10:
+        w[10] = w[3]  # an exact tie with row 3, which comes first
+        w[-1] *= 50  # a row with an outlier scale
+    w = w.to(dtype)
+    x = torch.randn(rows, k, generator=g)
+    x[0] = 4 * w[3].float()  # row 3 and its near twins lead
+    if rows > 2:
+        x[1, 0] = 300.0  # one element dominates the int16 rounding of its row
+        x[2] = 4 * w[twins[-1]].float()
+    if rows > 4:
+        x[3, -1], x[4, 0] = float("nan"), float("inf")
+    dev = platform.device
+    screen = platform.prepare_greedy_head(w.to(dev))
+    head = platform.prepare_linear(w.clone().to(dev))
+    if platform.name == "cpu" and cpu_kernels.load() is not None:
+        assert screen is not None  # else this would only check the default
+    want = platform.argmax(platform.linear(x.to(dev), head).float()).cpu()
+    got = platform.greedy_head(x.to(dev), head, screen).cpu()
+    assert torch.equal(got, want), (got != want).nonzero()
 
 
 def _mla_decode_bundle(g, platform, narrow, hidden=96, heads=4, nope=16, rope=8, v=16, rank=32, q_lora=40, weights="int8"):

@@ -240,14 +240,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        logits, sample_rows = self.runner.run(batch)
+        hidden, sample_rows = self.runner.run(batch)
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += num_new
             self.block_manager.register_full_blocks(request)
         touched: dict[str, None] = {}
         if sample_rows:
             sampled = [batch.requests[i] for i in sample_rows]
-            tokens, logprobs = self.sampler(logits, sampled)
+            tokens, logprobs = self.sampler.sample(self.model, hidden, sampled)
             for request, token, lp in zip(sampled, tokens, logprobs):
                 self._append_token(request, token, lp)
                 touched[request.parent_id] = None

@@ -1,4 +1,5 @@
-"""Turn a scheduled batch into tensors, run the model, and return logits of the rows that sample."""
+"""Turn a scheduled batch into tensors, run the model, and return the final hidden states of the rows
+that sample (the sampler takes them through the head: see Sampler.sample)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns (logits [N, V] fp32, indices into batch.requests of the N rows that sample)."""
+        """Returns (hidden [N, D], the final hidden states of the N rows that sample, and their indices
+        into batch.requests)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -57,6 +59,5 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         hidden = self.model(ids, pos, attn, self.kv_caches)
         if not sample_rows:
-            return hidden.new_empty(0, 0), []
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_positions, device=device)])
-        return logits.cpu(), sample_rows
+            return hidden.new_empty(0, hidden.shape[-1]), []
+        return hidden[torch.tensor(logit_positions, device=device)], sample_rows

@@ -35,6 +35,29 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.argmax = argmax  # the platform's: greedy rows over the whole vocabulary
 
+    def sample(self, model, hidden: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[SampledLogprobs | None]]:
+        """Tokens for the final hidden states `[B, D]` of the rows that sample, through the model's
+        head. A row that takes the plain argmax of its logits (greedy, no logprobs, no penalty or
+        min_tokens in force) gets `model.greedy_tokens`, which need not form the whole logits
+        (Platform.greedy_head); the others get their logits and `__call__`."""
+        plain = [i for i, r in enumerate(requests) if _argmax_only(r)]
+        if not plain:
+            return self(model.compute_logits(hidden).cpu(), requests)
+        tokens: list[int] = [0] * len(requests)
+        logprobs: list[SampledLogprobs | None] = [None] * len(requests)
+        rows = torch.tensor(plain, device=hidden.device) if len(plain) < len(requests) else None
+        greedy = model.greedy_tokens(hidden if rows is None else hidden[rows]).tolist()
+        for i, token in zip(plain, greedy):
+            tokens[i] = token
+        chosen = set(plain)
+        rest = [i for i in range(len(requests)) if i not in chosen]
+        if rest:
+            logits = model.compute_logits(hidden[torch.tensor(rest, device=hidden.device)]).cpu()
+            rest_tokens, rest_logprobs = self(logits, [requests[i] for i in rest])
+            for i, token, lp in zip(rest, rest_tokens, rest_logprobs):
+                tokens[i], logprobs[i] = token, lp
+        return tokens, logprobs
+
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[int], list[SampledLogprobs | None]]:
         logits = logits.float()
         raw_logprobs = None
@@ -130,3 +153,15 @@ class Sampler:
                 top_logprobs=top.values.tolist() if top is not None else [],
             )
         return out
+
+
+def _argmax_only(request: Request) -> bool:
+    """Whether `__call__` would take this row's token as the plain argmax of its raw logits."""
+    p = request.params
+    return (
+        p.greedy
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and not ((p.frequency_penalty or p.presence_penalty) and request.output_token_ids)
+        and len(request.output_token_ids) >= p.min_tokens
+    )

@@ -73,6 +73,7 @@ class DeepseekForCausalLM(nn.Module):
         self.platform = platform
         self.activation_dtype = platform.activation_dtype(dtype)
         self.decode_stack: ops.DecodeStack | None = None  # prepare_weights
+        self.head_screen = None  # prepare_weights: the platform's aid to greedy_tokens
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor]
@@ -94,13 +95,23 @@ class DeepseekForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`compute_logits(hidden).argmax(-1)`, exactly, without forming every logit where the
+        platform screens the head (Platform.greedy_head)."""
+        if self.head_screen is not None and hidden.dtype == torch.float32:
+            return self.platform.greedy_head(hidden, self.lm_head.weight, self.head_screen)
+        return self.platform.argmax(self.compute_logits(hidden))
+
     def prepare_weights(self) -> None:
         """After loading (and quantizing): let the platform lay out the weights that only the
         forward pass reads: the vocabulary head (full precision or int8), the largest one, unless
-        the embedding shares it; the stacked experts; the MLA layers' decode bundles
+        the embedding shares it, and a full-precision one's screen for greedy tokens
+        (Platform.prepare_greedy_head); the stacked experts; the MLA layers' decode bundles
         (MLADecodeLayer), and with one for every layer, the whole stack's (DecodeStack), so a
         decode-only step runs all its layers as one platform call."""
         if not self.cfg.tie_word_embeddings:
+            if isinstance(self.lm_head, Linear):  # not an int8 head, which is its own screen
+                self.head_screen = self.platform.prepare_greedy_head(self.lm_head.weight)
             self.lm_head.prepare()
         for layer in self.model.layers:
             layer.self_attn.prepare_decode_layer(layer.input_layernorm)

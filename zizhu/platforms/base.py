@@ -3,8 +3,8 @@
 A vendor adds a chip by subclassing `Platform` and overriding what its hardware does better:
 the hot ops (paged MLA decode, absorbed or not, MLA prefill, the latent write with RoPE, MoE
 routing and experts, full-precision and int8 projections and the layout of the weight they read,
-RMSNorm, KV-cache writes, greedy argmax), the KV-cache layout and allocation, memory queries,
-graph capture and the torch.distributed backend. Every default here is a correct reference, so
+RMSNorm, KV-cache writes, greedy argmax and greedy tokens from the head), the KV-cache layout and
+allocation, memory queries, graph capture and the torch.distributed backend. Every default here is a correct reference, so
 a new platform works first and gets fast second. Prove a platform with
 `tests/platforms/test_conformance.py`, which checks its ops against the references.
 """
@@ -207,6 +207,19 @@ class Platform:
             h = self.mla_decode_layer(h, layer.attention, cos, sin, interleaved, cache, slot_mapping, block_tables, seq_lens)
             h = self.moe_block(h, layer.ffn)
         return h
+
+    def prepare_greedy_head(self, weight: torch.Tensor):
+        """What `greedy_head` needs besides the prepared head: built from the vocabulary head
+        `weight [V, D]` after loading, before `prepare_linear` takes it. None (the default) when the
+        platform finds greedy tokens as the argmax of the full logits."""
+        return None
+
+    def greedy_head(self, hidden: torch.Tensor, weight, screen) -> torch.Tensor:
+        """Greedy tokens `[B]` of fp32 `hidden [B, D]` against the head `weight` (as `prepare_linear`
+        left it): exactly `argmax(linear(hidden, weight))`, bit for bit. Only greedy rows without
+        logprobs or logit processors come here, so a platform with a `screen` from
+        `prepare_greedy_head` may find the argmax without forming every logit."""
+        return self.argmax(self.linear(hidden, weight).float())
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy tokens of `[B, V]` logits: each row's first index of its maximum, a NaN counting as

@@ -25,7 +25,7 @@ from zizhu.ops.moe import Routing
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "decode_stack.c", "gemm.c", "gemm_int8.c", "gemm_packed.c", "mla_decode.c", "mla_latent.c", "mla_layer.c", "moe_route.c", "rms_norm.c")]
+SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "decode_stack.c", "gemm.c", "gemm_int8.c", "gemm_packed.c", "greedy_head.c", "mla_decode.c", "mla_latent.c", "mla_layer.c", "moe_route.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -106,6 +106,11 @@ def load() -> ctypes.CDLL | None:
         + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     )
     lib.argmax_rows_f32.restype = None
+    lib.greedy_head_f32.restype = None
+    lib.greedy_head_f32.argtypes = (
+        [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_int64]
+        + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+    )
     lib.argmax_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.rms_norm_f32.restype = None
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
@@ -374,6 +379,63 @@ def argmax_rows(lib: ctypes.CDLL, logits: torch.Tensor) -> torch.Tensor:
     rows, cols = logits.shape
     out = torch.empty(rows, dtype=torch.int64)
     lib.argmax_rows_f32(logits.data_ptr(), logits.stride(0), rows, cols, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+@dataclass(frozen=True)
+class GreedyScreen:
+    """An int8 copy of a full-precision vocabulary head `w [N, K]` and how far each of its rows may be
+    from the original, with which greedy_head.c screens a row's logits before recomputing the few
+    tokens that could win (the whole story is in that file)."""
+
+    panels: torch.Tensor  # [ceil(N / 16), ceil(K / 2), 16, 2] int8: row 16p + j, column 2t + i at [p, t, j, i]
+    scale: torch.Tensor  # [16 ceil(N / 16)] fp32, zero past N: w_n ~= q_n * scale[n]
+    dw: torch.Tensor  # [N] fp32, |w_n - q_n scale_n| rounded up
+    g: torch.Tensor  # [N] fp32, max(|w_n|, |q_n scale_n|) rounded up
+
+
+# Head rows screened at a time while building a screen: its temporaries (the rows in double) stay
+# this many elements, not the head's.
+SCREEN_CHUNK = 1 << 21
+
+
+def greedy_screen(weight: torch.Tensor) -> GreedyScreen | None:
+    """The screen of an fp32 or bf16 head `[N, K]`, read before it is packed; None when a value is not
+    finite (no bound would hold)."""
+    n, k = weight.shape
+    panels, pairs = -(-n // PANEL), -(-k // 2)
+    q = torch.zeros(panels * PANEL, pairs * 2, dtype=torch.int8)
+    scale = torch.zeros(panels * PANEL, dtype=torch.float32)
+    dw, g = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
+    step = max(PANEL, SCREEN_CHUNK // max(1, k) // PANEL * PANEL)
+    for start in range(0, n, step):
+        rows = weight[start : start + step].float()
+        if not torch.isfinite(rows).all():
+            return None
+        s = rows.abs().amax(dim=-1).clamp(min=1e-30) / 127.0
+        rounded = torch.round(rows / s[:, None]).clamp(-127, 127)
+        q[start : start + rows.shape[0], :k] = rounded.to(torch.int8)
+        scale[start : start + rows.shape[0]] = s
+        exact, approx = rows.double(), rounded.double() * s.double()[:, None]
+        dw[start : start + step] = (exact - approx).norm(dim=-1).float()
+        g[start : start + step] = torch.maximum(exact.norm(dim=-1), approx.norm(dim=-1)).float()
+    up = torch.tensor(float("inf"))
+    panelled = q.view(panels, PANEL, pairs, 2).transpose(1, 2).contiguous()
+    return GreedyScreen(panelled, scale, torch.nextafter(dw, up), torch.nextafter(g, up))
+
+
+def greedy_head(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight, screen: GreedyScreen) -> torch.Tensor:
+    """`argmax(x @ w^T, dim=-1)` for fp32 `x [B, K]` and a packed head with its screen (greedy_head.c):
+    the tokens of the full product, bit for bit, without most of it. int64 `[B]`."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    if x.shape[0]:
+        lib.greedy_head_f32(
+            x.data_ptr(), x.stride(0), x.shape[0], weight.in_features, weight.panels.data_ptr(),
+            weight.tail.data_ptr(), _bf16(weight.panels), weight.out_features, screen.panels.data_ptr(),
+            screen.scale.data_ptr(), screen.dw.data_ptr(), screen.g.data_ptr(), out.data_ptr(),
+            torch.get_num_threads(),
+        )
     return out
 
 
