@@ -127,14 +127,21 @@ class DecodeBytes:
                 + self.lm_head + self.embedding_row + self.norms + self.kv_cache)
 
 
+# What zizhu's greedy decode reads of a full-precision head per row of it (Platform.greedy_head on
+# the CPU): the int8 screen (one byte an element), its scale and two bounds (4 bytes each). The few
+# panels it recomputes exactly (~8 of 16 rows x hidden a token on the small model) are left out.
+SCREEN_BYTES_PER_ROW = 12
+
+
 def decode_bytes_per_token(shape: MLAShape, weight_dtype: str, context_tokens: int = 0,
-                           kv_bytes_per_token: float = 0.0) -> DecodeBytes:
+                           kv_bytes_per_token: float = 0.0, screened_head: bool = False) -> DecodeBytes:
     """Bytes read to decode one token at batch 1.
 
     Only the experts the router selects are read: top-k routed plus the shared ones. The embedding
     contributes one row; norms and the router stay in fp32 (the spec keeps the router in fp32);
     the embedding row keeps the weight dtype's element size, unquantized. `context_tokens` x
-    `kv_bytes_per_token` adds the KV cache read by attention.
+    `kv_bytes_per_token` adds the KV cache read by attention. With `screened_head`, a
+    full-precision lm_head counts as the int8 screen that greedy decoding reads instead.
     """
     per = WEIGHT_BYTES[weight_dtype]
     experts = shape.expert_matrices(shape.moe_intermediate)
@@ -144,7 +151,8 @@ def decode_bytes_per_token(shape: MLAShape, weight_dtype: str, context_tokens: i
         routed_experts=shape.moe_layers * shape.experts_per_token * _matrix_bytes(experts, weight_dtype),
         shared_experts=shape.moe_layers * shape.n_shared_experts * _matrix_bytes(experts, weight_dtype),
         router=shape.moe_layers * (shape.n_routed_experts * shape.hidden + shape.n_routed_experts) * 4.0,
-        lm_head=_matrix_bytes([(shape.vocab, shape.hidden)], weight_dtype),
+        lm_head=(shape.vocab * (shape.hidden + SCREEN_BYTES_PER_ROW) if screened_head and weight_dtype != "int8"
+                 else _matrix_bytes([(shape.vocab, shape.hidden)], weight_dtype)),
         embedding_row=shape.hidden * (4.0 if weight_dtype == "int8" else per),
         norms=(shape.layers * shape.norm_params_per_layer() + shape.hidden) * 4.0,
         kv_cache=context_tokens * kv_bytes_per_token,
