@@ -76,13 +76,20 @@ class CpuPlatform(Platform):
         # whole weight to fp32 in memory first, which costs more than the matmul it feeds. It rounds
         # each activation row to int16 (see Platform.int8_linear).
         lib = cpu_kernels.load()
+        if isinstance(qweight, cpu_kernels.Int8Panels):  # prepare_linear made it, so lib exists
+            return cpu_kernels.int8_linear_panels(lib, x.float(), qweight, scale.float()).to(x.dtype)
         if self._native_int8(lib, x, qweight, scale):
             return cpu_kernels.int8_linear(lib, x, qweight, scale)
         return ops.int8_linear(x, qweight, scale)
 
     def rms_norm_int8_linear(self, x, norm_weight, eps, qweight, scale) -> torch.Tensor:
         lib = cpu_kernels.load()
-        if self._native_int8(lib, x, qweight, scale) and norm_weight.dtype == torch.float32 and norm_weight.is_contiguous():
+        if (
+            not isinstance(qweight, cpu_kernels.Int8Panels)
+            and self._native_int8(lib, x, qweight, scale)
+            and norm_weight.dtype == torch.float32
+            and norm_weight.is_contiguous()
+        ):
             return cpu_kernels.int8_linear(lib, x, qweight, scale, norm_weight, eps)
         return super().rms_norm_int8_linear(x, norm_weight, eps, qweight, scale)
 
@@ -104,13 +111,17 @@ class CpuPlatform(Platform):
     # (800 x 1,024, 1,536 x 512, 1,024 x 1,024): 1.08-1.12x the time at one row, 0.66-0.73x at 8 to 64
     # rows, and at 512 and 2,048 rows 0.58-0.61x, level with MKL's GEMM (0.58-0.67x). The vocabulary
     # head, best of 5: 129,280 x 256 at 64 rows 47.8 vs 25.9 ms, 8 rows 6.9 vs 5.1, one row 4.1 vs 4.2;
-    # 129,280 x 1,024 at 64 rows 167 vs 109 ms, one row 19.4 vs 17.8. int8 weights stay row-major: the
-    # integer kernel reads them faster than the panels did at 1 and 4 rows and at 64 rows with
-    # K = 1,024 (129,280 x 1,024: 5.2 vs 7.4 ms, 7.1 vs 11.5, 120 vs 143).
+    # 129,280 x 1,024 at 64 rows 167 vs 109 ms, one row 19.4 vs 17.8. An int8 weight of 64 MB and more
+    # (an int8 model's vocabulary head) goes into int8 panels (gemm_int8_panels.c), which against the
+    # row-major integer kernel, alternating, medians of 7, take on the small model's 129,280 x 1,024
+    # head 0.73x the time at 32 rows, 0.71x at 64, 0.80x at 8 and 1.01-1.07x at one. Smaller int8
+    # weights stay row-major: the fused decode layers read them so.
     def prepare_linear(self, weight: torch.Tensor):
         lib = cpu_kernels.load()
         if lib is not None and cpu_kernels.can_pack(weight):
             return cpu_kernels.pack_weight(lib, weight)  # in place: the caller drops its [N, K] view
+        if lib is not None and weight.dtype == torch.int8 and weight.dim() == 2 and weight.numel() >= LARGE_WEIGHT_BYTES:
+            return cpu_kernels.pack_int8_panels(weight)
         return weight
 
     def prepare_experts(self, weight: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from zizhu.ops.moe import Routing
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent
-SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "decode_stack.c", "gemm.c", "gemm_int8.c", "gemm_packed.c", "greedy_head.c", "mla_decode.c", "mla_latent.c", "mla_layer.c", "moe_route.c", "rms_norm.c")]
+SOURCES = [SOURCE_DIR / name for name in ("argmax.c", "decode_stack.c", "gemm.c", "gemm_int8.c", "gemm_int8_panels.c", "gemm_packed.c", "greedy_head.c", "mla_decode.c", "mla_latent.c", "mla_layer.c", "moe_route.c", "rms_norm.c")]
 
 
 def _cache_dir() -> Path:
@@ -106,6 +106,10 @@ def load() -> ctypes.CDLL | None:
         + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     )
     lib.argmax_rows_f32.restype = None
+    lib.int8_gemm_panels_f32.restype = None
+    lib.int8_gemm_panels_f32.argtypes = (
+        [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    )
     lib.greedy_head_f32.restype = None
     lib.greedy_head_f32.argtypes = (
         [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_int64]
@@ -383,13 +387,45 @@ def argmax_rows(lib: ctypes.CDLL, logits: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Int8Panels:
+    """An int8 `[out_features, in_features]` weight in panels of 16 rows for gemm_int8_panels.c: row
+    16p + j, column 2t + i at `panels[p, t, j, i]`, zero-padded to whole panels and pairs."""
+
+    panels: torch.Tensor  # [ceil(out / 16), ceil(in / 2), 16, 2] int8
+    out_features: int
+    in_features: int
+
+
+def pack_int8_panels(q: torch.Tensor) -> Int8Panels:
+    """A copy of an int8 weight `[N, K]` in panels (see Int8Panels)."""
+    n, k = q.shape
+    panels, pairs = -(-n // PANEL), -(-k // 2)
+    padded = torch.zeros(panels * PANEL, pairs * 2, dtype=torch.int8)
+    padded[:n, :k] = q
+    return Int8Panels(padded.view(panels, PANEL, pairs, 2).transpose(1, 2).contiguous(), n, k)
+
+
+def int8_linear_panels(lib: ctypes.CDLL, x: torch.Tensor, weight: Int8Panels, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 `x [..., K]` times an int8 weight in panels with fp32 per-row `scale [N]`, each row of x
+    rounded to int16 first (gemm_int8_panels.c)."""
+    x2, n = _rows(x), weight.out_features
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if x2.shape[0]:
+        lib.int8_gemm_panels_f32(
+            x2.data_ptr(), x2.stride(0), x2.shape[0], weight.in_features, weight.panels.data_ptr(),
+            scale.contiguous().data_ptr(), n, y.data_ptr(), n, torch.get_num_threads(),
+        )
+    return _shaped(y, x)
+
+
+@dataclass(frozen=True)
 class GreedyScreen:
     """An int8 copy of a full-precision vocabulary head `w [N, K]` and how far each of its rows may be
     from the original, with which greedy_head.c screens a row's logits before recomputing the few
     tokens that could win (the whole story is in that file)."""
 
-    panels: torch.Tensor  # [ceil(N / 16), ceil(K / 2), 16, 2] int8: row 16p + j, column 2t + i at [p, t, j, i]
-    scale: torch.Tensor  # [16 ceil(N / 16)] fp32, zero past N: w_n ~= q_n * scale[n]
+    q: Int8Panels  # w_n ~= q_n * scale[n]
+    scale: torch.Tensor  # [N] fp32
     dw: torch.Tensor  # [N] fp32, |w_n - q_n scale_n| rounded up
     g: torch.Tensor  # [N] fp32, max(|w_n|, |q_n scale_n|) rounded up
 
@@ -403,25 +439,22 @@ def greedy_screen(weight: torch.Tensor) -> GreedyScreen | None:
     """The screen of an fp32 or bf16 head `[N, K]`, read before it is packed; None when a value is not
     finite (no bound would hold)."""
     n, k = weight.shape
-    panels, pairs = -(-n // PANEL), -(-k // 2)
-    q = torch.zeros(panels * PANEL, pairs * 2, dtype=torch.int8)
-    scale = torch.zeros(panels * PANEL, dtype=torch.float32)
-    dw, g = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
-    step = max(PANEL, SCREEN_CHUNK // max(1, k) // PANEL * PANEL)
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale, dw, g = (torch.empty(n, dtype=torch.float32) for _ in range(3))
+    step = max(1, SCREEN_CHUNK // max(1, k))
     for start in range(0, n, step):
         rows = weight[start : start + step].float()
         if not torch.isfinite(rows).all():
             return None
         s = rows.abs().amax(dim=-1).clamp(min=1e-30) / 127.0
         rounded = torch.round(rows / s[:, None]).clamp(-127, 127)
-        q[start : start + rows.shape[0], :k] = rounded.to(torch.int8)
-        scale[start : start + rows.shape[0]] = s
+        q[start : start + step] = rounded.to(torch.int8)
+        scale[start : start + step] = s
         exact, approx = rows.double(), rounded.double() * s.double()[:, None]
         dw[start : start + step] = (exact - approx).norm(dim=-1).float()
         g[start : start + step] = torch.maximum(exact.norm(dim=-1), approx.norm(dim=-1)).float()
     up = torch.tensor(float("inf"))
-    panelled = q.view(panels, PANEL, pairs, 2).transpose(1, 2).contiguous()
-    return GreedyScreen(panelled, scale, torch.nextafter(dw, up), torch.nextafter(g, up))
+    return GreedyScreen(pack_int8_panels(q), scale, torch.nextafter(dw, up), torch.nextafter(g, up))
 
 
 def greedy_head(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight, screen: GreedyScreen) -> torch.Tensor:
@@ -432,7 +465,7 @@ def greedy_head(lib: ctypes.CDLL, x: torch.Tensor, weight: PackedWeight, screen:
     if x.shape[0]:
         lib.greedy_head_f32(
             x.data_ptr(), x.stride(0), x.shape[0], weight.in_features, weight.panels.data_ptr(),
-            weight.tail.data_ptr(), _bf16(weight.panels), weight.out_features, screen.panels.data_ptr(),
+            weight.tail.data_ptr(), _bf16(weight.panels), weight.out_features, screen.q.panels.data_ptr(),
             screen.scale.data_ptr(), screen.dw.data_ptr(), screen.g.data_ptr(), out.data_ptr(),
             torch.get_num_threads(),
         )
