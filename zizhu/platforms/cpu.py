@@ -183,7 +183,11 @@ class CpuPlatform(Platform):
         lib = cpu_kernels.load()
         if lib is None or not cpu_kernels.can_pack(weight):
             return None
-        return cpu_kernels.greedy_screen(weight)
+        start = time.perf_counter()
+        screen = cpu_kernels.greedy_screen(weight)
+        logger.info("int8 screen of the vocabulary head for greedy rows: %.2f GB in %.1fs",
+                    0 if screen is None else screen.q.panels.numel() / 1e9, time.perf_counter() - start)
+        return screen
 
     def greedy_head(self, hidden: torch.Tensor, weight, screen) -> torch.Tensor:
         lib = cpu_kernels.load()
