@@ -41,20 +41,15 @@ class Sampler:
         min_tokens in force) gets `model.greedy_tokens`, which need not form the whole logits
         (Platform.greedy_head); the others get their logits and `__call__`."""
         plain = [i for i, r in enumerate(requests) if _argmax_only(r)]
-        if not plain:
-            return self(model.compute_logits(hidden).cpu(), requests)
+        rest = [i for i, r in enumerate(requests) if not _argmax_only(r)]
         tokens: list[int] = [0] * len(requests)
         logprobs: list[SampledLogprobs | None] = [None] * len(requests)
-        rows = torch.tensor(plain, device=hidden.device) if len(plain) < len(requests) else None
-        greedy = model.greedy_tokens(hidden if rows is None else hidden[rows]).tolist()
-        for i, token in zip(plain, greedy):
-            tokens[i] = token
-        chosen = set(plain)
-        rest = [i for i in range(len(requests)) if i not in chosen]
+        if plain:
+            for i, token in zip(plain, model.greedy_tokens(_rows(hidden, plain)).tolist()):
+                tokens[i] = token
         if rest:
-            logits = model.compute_logits(hidden[torch.tensor(rest, device=hidden.device)]).cpu()
-            rest_tokens, rest_logprobs = self(logits, [requests[i] for i in rest])
-            for i, token, lp in zip(rest, rest_tokens, rest_logprobs):
+            logits = model.compute_logits(_rows(hidden, rest)).cpu()
+            for i, token, lp in zip(rest, *self(logits, [requests[i] for i in rest])):
                 tokens[i], logprobs[i] = token, lp
         return tokens, logprobs
 
@@ -153,6 +148,10 @@ class Sampler:
                 top_logprobs=top.values.tolist() if top is not None else [],
             )
         return out
+
+
+def _rows(hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    return hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=hidden.device)]
 
 
 def _argmax_only(request: Request) -> bool:

@@ -98,7 +98,7 @@ class DeepseekForCausalLM(nn.Module):
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """`compute_logits(hidden).argmax(-1)`, exactly, without forming every logit where the
         platform screens the head (Platform.greedy_head)."""
-        if self.head_screen is not None and hidden.dtype == torch.float32:
+        if self.head_screen is not None:
             return self.platform.greedy_head(hidden, self.lm_head.weight, self.head_screen)
         return self.platform.argmax(self.compute_logits(hidden))
 

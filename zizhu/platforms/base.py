@@ -215,7 +215,7 @@ class Platform:
         return None
 
     def greedy_head(self, hidden: torch.Tensor, weight, screen) -> torch.Tensor:
-        """Greedy tokens `[B]` of fp32 `hidden [B, D]` against the head `weight` (as `prepare_linear`
+        """Greedy tokens `[B]` of `hidden [B, D]` against the head `weight` (as `prepare_linear`
         left it): exactly `argmax(linear(hidden, weight))`, bit for bit. Only greedy rows without
         logprobs or logit processors come here, so a platform with a `screen` from
         `prepare_greedy_head` may find the argmax without forming every logit."""

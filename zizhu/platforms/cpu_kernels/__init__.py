@@ -106,6 +106,7 @@ def load() -> ctypes.CDLL | None:
         + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     )
     lib.argmax_rows_f32.restype = None
+    lib.argmax_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.int8_gemm_panels_f32.restype = None
     lib.int8_gemm_panels_f32.argtypes = (
         [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
@@ -115,7 +116,6 @@ def load() -> ctypes.CDLL | None:
         [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_int64]
         + [ctypes.c_void_p] * 5 + [ctypes.c_int]
     )
-    lib.argmax_rows_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     lib.rms_norm_f32.restype = None
     lib.rms_norm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int]
     return lib
@@ -436,21 +436,20 @@ SCREEN_CHUNK = 1 << 21
 
 
 def greedy_screen(weight: torch.Tensor) -> GreedyScreen | None:
-    """The screen of an fp32 or bf16 head `[N, K]`, read before it is packed; None when a value is not
-    finite (no bound would hold)."""
+    """The screen of an fp32 or bf16 head `[N, K]`, read before it is packed: its int8 rows as an int8
+    model's (quantize_int8_rows) and their distances; None when a value is not finite (no bound
+    would hold)."""
+    from zizhu.layers.quant import quantize_int8_rows  # layers import the platforms: not at load
+
     n, k = weight.shape
-    q = torch.empty(n, k, dtype=torch.int8)
-    scale, dw, g = (torch.empty(n, dtype=torch.float32) for _ in range(3))
+    q, scale = quantize_int8_rows(weight)
+    dw, g = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.float32)
     step = max(1, SCREEN_CHUNK // max(1, k))
     for start in range(0, n, step):
-        rows = weight[start : start + step].float()
-        if not torch.isfinite(rows).all():
+        exact = weight[start : start + step].double()
+        if not torch.isfinite(exact).all():
             return None
-        s = rows.abs().amax(dim=-1).clamp(min=1e-30) / 127.0
-        rounded = torch.round(rows / s[:, None]).clamp(-127, 127)
-        q[start : start + step] = rounded.to(torch.int8)
-        scale[start : start + step] = s
-        exact, approx = rows.double(), rounded.double() * s.double()[:, None]
+        approx = q[start : start + step].double() * scale[start : start + step].double()[:, None]
         dw[start : start + step] = (exact - approx).norm(dim=-1).float()
         g[start : start + step] = torch.maximum(exact.norm(dim=-1), approx.norm(dim=-1)).float()
     up = torch.tensor(float("inf"))
