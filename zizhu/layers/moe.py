@@ -76,8 +76,14 @@ class Experts(nn.Module):
 
     def prepare(self, platform) -> None:
         """Hand the loaded stacks, shared experts folded in, to the platform (`Platform.prepare_experts`):
-        it may repack them in place, so nothing reads them as `[E, N, K]` afterwards."""
-        if not self.w13.is_floating_point():  # int8, as quantize_experts left it
+        it may repack them in place, so nothing reads them as `[E, N, K]` afterwards. int8 stacks (as
+        quantize_experts left them, with their scales) are taken in their new form only if both came
+        back prepared: the kernels read w13 and w2 as a pair."""
+        if not self.w13.is_floating_point():
+            prepared = [platform.prepare_experts(self.w13), platform.prepare_experts(self.w2)]
+            if prepared[0] is not self.w13 and prepared[1] is not self.w2:
+                self.register_buffer("w13", prepared[0])
+                self.register_buffer("w2", prepared[1])
             return
         for name in ("w13", "w2"):
             weight = getattr(self, name)

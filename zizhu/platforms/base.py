@@ -120,10 +120,11 @@ class Platform:
 
     def prepare_experts(self, weight: torch.Tensor) -> torch.Tensor:
         """The form in which the expert hooks (`moe_experts`, `route_and_run_experts`,
-        `decode_layers`) will receive a layer's stacked full-precision experts (`w13` or `w2`,
-        `[E, N, K]`), chosen once after loading, shared experts folded in: a platform may repack
-        them for its kernels, in their own storage, so the caller must not read `weight` afterwards.
-        The hooks must still accept unprepared `[E, N, K]` stacks. Default: the weight itself."""
+        `decode_layers`) will receive a layer's stacked experts (`w13` or `w2`, `[E, N, K]`, full
+        precision, or int8 whose per-row scales stay as they are), chosen once after loading, shared
+        experts folded in: a platform may repack them for its kernels, in their own storage, so the
+        caller must not read `weight` afterwards. The hooks must still accept unprepared `[E, N, K]`
+        stacks. Default: the weight itself."""
         return weight
 
     def prepare_absorbed(self, weight: torch.Tensor) -> torch.Tensor:

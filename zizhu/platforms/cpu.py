@@ -129,6 +129,8 @@ class CpuPlatform(Platform):
         # few rows per expert (decode at 8-64 sequences) in 0.6-0.9 of the row-major time, and a
         # prefill's many without transposing a panel per call (see moe_f32 in cpu_kernels/gemm.c).
         lib = cpu_kernels.load()
+        if lib is not None and cpu_kernels.can_pack_int8_experts(weight):
+            return cpu_kernels.pack_int8_experts(weight)
         return cpu_kernels.pack_experts(lib, weight) if lib is not None and cpu_kernels.can_pack_experts(weight) else weight
 
     def prepare_absorbed(self, weight: torch.Tensor) -> torch.Tensor:
@@ -316,7 +318,7 @@ class CpuPlatform(Platform):
             and (block.router is not None or block.num_shared > 0)
             and self._native_experts(lib, block.norm, block.w13, block.w2, block.w13_scale, block.w2_scale)
             and block.norm.dtype == f32 and block.norm.is_contiguous()
-            and (block.w13_scale is None or (block.w13_scale.is_contiguous() and block.w2_scale.is_contiguous()))
+            and all(s is None or (s.dtype == f32 and s.is_contiguous()) for s in (block.w13_scale, block.w2_scale))
         )
 
     # MLADecodeLayer -> whether mla_layer.c reads it: a bundle's tensors are fixed once it is built, so
@@ -364,20 +366,23 @@ class CpuPlatform(Platform):
     def moe_experts(self, x, topk_ids, topk_weights, w13, w2, w13_scale=None, w2_scale=None):
         lib = cpu_kernels.load()
         if self._native_experts(lib, x, w13, w2, w13_scale, w2_scale):
-            return cpu_kernels.moe(lib, x.float(), topk_ids, topk_weights, w13, w13_scale, w2, w2_scale).to(x.dtype)
+            s13, s2 = _fp32(w13_scale), _fp32(w2_scale)
+            return cpu_kernels.moe(lib, x.float(), topk_ids, topk_weights, w13, s13, w2, s2).to(x.dtype)
         return ops.moe_experts(x, topk_ids, topk_weights, w13, w2, w13_scale, w2_scale, int8_matmul=self.int8_linear)
 
     @staticmethod
     def _native_experts(lib, x, w13, w2, w13_scale, w2_scale) -> bool:
-        """Whether moe_f32 runs these experts: int8 with fp32 scales on fp32 rows, or fp32 or bf16
-        weights on fp32 or bf16 rows (bf16 rows are widened first and the sum rounded back once, as
-        a bf16 GEMM with fp32 accumulation would, at each expert; torch emulates those here)."""
+        """Whether moe_f32 runs these experts: int8 with per-row scales (passed in fp32), or fp32 or
+        bf16 weights, on fp32 or bf16 rows (bf16 rows are widened first and the sum rounded back
+        once, as a GEMM with fp32 accumulation would, at each expert; torch emulates those here).
+        Experts the platform packed (prepare_experts) have no other reader."""
         if w13_scale is None:
             weights_ok = w13.dtype == w2.dtype and w13.dtype in cpu_kernels.WEIGHT_DTYPES
-            rows_ok = x.dtype in cpu_kernels.WEIGHT_DTYPES
         else:
-            weights_ok = w13.dtype == w2.dtype == torch.int8 and w13_scale.dtype == w2_scale.dtype == torch.float32
-            rows_ok = x.dtype == torch.float32
+            weights_ok = w13.dtype == w2.dtype == torch.int8 and w13_scale.is_floating_point() and w2_scale.is_floating_point()
+        rows_ok = x.dtype in cpu_kernels.WEIGHT_DTYPES
+        if w13_scale is not None and cpu_kernels.is_packed_experts(w13) != cpu_kernels.is_packed_experts(w2):
+            raise ValueError("int8 experts prepared apart: prepare w13 and w2 together (Experts.prepare)")
         return lib is not None and weights_ok and rows_ok and w13.is_contiguous() and w2.is_contiguous()
 
     def route_and_run_experts(
@@ -393,8 +398,14 @@ class CpuPlatform(Platform):
             and (norm_weight is None or (norm_weight.dtype == torch.float32 and norm_weight.is_contiguous()))
         ):
             return cpu_kernels.moe_routed(
-                lib, rows, router_weight, bias, routing, num_shared, w13, w13_scale, w2, w2_scale, norm_weight, eps, add_input
+                lib, rows, router_weight, bias, routing, num_shared, w13, _fp32(w13_scale), w2, _fp32(w2_scale), norm_weight,
+                eps, add_input,
             ).to(x.dtype)
         return super().route_and_run_experts(
             x, router_weight, bias, routing, num_shared, w13, w2, w13_scale, w2_scale, norm_weight, eps, add_input
         )
+
+
+def _fp32(scale: torch.Tensor | None) -> torch.Tensor | None:
+    """Per-row int8 scales as the native kernels read them (a bf16 model keeps its scales in bf16)."""
+    return None if scale is None else scale.float().contiguous()

@@ -214,12 +214,36 @@ def pack_experts(lib: ctypes.CDLL, weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().view(experts, n // PANEL, k, PANEL)
 
 
+def can_pack_int8_experts(weight: torch.Tensor) -> bool:
+    """Whether stacked int8 experts `[E, N, K]` pack into int8 panels with each expert's panels where
+    its rows were (N a multiple of 16), which moe_f32 relies on."""
+    return weight.dtype == torch.int8 and weight.dim() == 3 and weight.shape[1] % PANEL == 0 and weight.is_contiguous()
+
+
+def pack_int8_experts(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of stacked int8 experts (see can_pack_int8_experts) in int8 panels, `[E, N / 16, ceil(K / 2),
+    16, 2]` (Int8Panels' layout, expert by expert): moe_f32 then meets up to six of an expert's rows
+    with each panel in outer products. One MoE layer of the small benchmark model (33 experts, 4
+    routed + 1 shared a token), alternating with the row-major stacks: see gemm.c's moe_int8_panels."""
+    experts, n, k = weight.shape
+    pairs = -(-k // 2)
+    padded = weight if k == 2 * pairs else torch.nn.functional.pad(weight, (0, 1))
+    return padded.view(experts, n // PANEL, PANEL, pairs, 2).transpose(2, 3).contiguous()
+
+
 def is_packed_experts(weight: torch.Tensor) -> bool:
-    return weight.dim() == 4
+    """Whether stacked experts are in panels: full precision `[E, N / 16, K, 16]` or int8 `[E, N / 16, ceil(K / 2), 16, 2]`."""
+    return weight.dim() >= 4
+
+
+def packed_flags(w13: torch.Tensor, w2: torch.Tensor) -> int:
+    """moe_f32's w_packed: bit 0 when w13, bit 1 when w2 is in panels (prepared apart, a full-precision
+    pair may differ: w13 packs when 2I is a multiple of 16, w2 when D is)."""
+    return int(is_packed_experts(w13)) | int(is_packed_experts(w2)) << 1
 
 
 def expert_rows(weight: torch.Tensor) -> int:
-    """N of a stacked expert weight, `[E, N, K]` or packed `[E, N / 16, K, 16]`."""
+    """N of a stacked expert weight, `[E, N, K]` or packed (see is_packed_experts)."""
     return weight.shape[1] * weight.shape[3] if is_packed_experts(weight) else weight.shape[1]
 
 
@@ -255,7 +279,7 @@ def moe(
     lib.moe_f32(
         x.data_ptr(), out.data_ptr(), ids.data_ptr(), weights.data_ptr(), num_tokens, top_k, num_experts,
         w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
-        _bf16(w13), int(is_packed_experts(w13)), hidden, two_inter // 2, torch.get_num_threads(),
+        _bf16(w13), packed_flags(w13, w2), hidden, two_inter // 2, torch.get_num_threads(),
     )
     return out
 
@@ -366,7 +390,7 @@ def moe_routed(
         router.shape[0], SCORING[routing.scoring], METHODS[routing.method], routing.n_group, routing.topk_group,
         routing.top_k, int(routing.norm_topk_prob), routing.scaling, num_shared,
         w13.data_ptr(), None if s13 is None else s13.data_ptr(), w2.data_ptr(), None if s2 is None else s2.data_ptr(),
-        _bf16(w13), int(is_packed_experts(w13)), expert_rows(w13) // 2, torch.get_num_threads(),
+        _bf16(w13), packed_flags(w13, w2), expert_rows(w13) // 2, torch.get_num_threads(),
     )
     return out
 
@@ -529,7 +553,7 @@ def decode_stack_table(stack) -> ctypes.Array:
             _ptr(f.norm), f.eps, _ptr(f.router), _ptr(f.bias), 0 if f.router is None else f.router.shape[0],
             SCORING[r.scoring], METHODS[r.method], r.n_group, r.topk_group, r.top_k, int(r.norm_topk_prob), r.scaling,
             f.num_shared, _ptr(f.w13), _ptr(f.w13_scale), _ptr(f.w2), _ptr(f.w2_scale), _bf16(f.w13),
-            int(is_packed_experts(f.w13)), expert_rows(f.w13) // 2,
+            packed_flags(f.w13, f.w2), expert_rows(f.w13) // 2,
         ))
     return (DecodeLayerArgs * len(rows))(*rows)
 

@@ -54,7 +54,7 @@ typedef struct {
     const void* w2;
     const float* s2;
     int experts_bf16;
-    int experts_packed; /* full-precision experts packed by pack_panels (moe_f32) */
+    int experts_packed; /* which of w13 (bit 0) and w2 (bit 1) are in panels (moe_f32) */
     int64_t inter;
 } DecodeLayer;
 

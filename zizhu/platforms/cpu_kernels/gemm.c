@@ -15,6 +15,7 @@
 
 #include "gemm.h"
 #include "gemm_int8.h"
+#include "gemm_int8_panels.h"
 #include "gemm_packed.h"
 #include "simd.h"
 
@@ -153,6 +154,93 @@ static void silu_mul(float* row, int64_t I) {
     for (; i < I; i++) row[i] = row[i] / (1.0f + expf(-row[i])) * row[I + i];
 }
 
+/* out[t] = sum_k weights[t, k] * ys[row_of[t, k]]: inside a parallel region, work-shared. */
+static void weighted_sum(float* out, const float* ys, const float* weights, const int64_t* row_of, int64_t T, int64_t K,
+                         int64_t D) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float* o = out + t * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            const float w = weights[t * K + k];
+            const float* y = ys + row_of[t * K + k] * D;
+            for (int64_t d = 0; d < D; d++) o[d] += w * y[d];
+        }
+    }
+}
+
+/* Row blocks (expert, first row, rows) of at most block_rows rows covering every expert's rows, and
+ * their number. */
+static int64_t* row_blocks(const int64_t* offsets, int64_t E, int64_t block_rows, int64_t* num_blocks) {
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; e++) n += (offsets[e + 1] - offsets[e] + block_rows - 1) / block_rows;
+    int64_t* blocks = malloc(sizeof(int64_t) * 3 * (n + 1));
+    for (int64_t e = 0, b = 0; e < E; e++)
+        for (int64_t p0 = offsets[e]; p0 < offsets[e + 1]; p0 += block_rows, b++) {
+            blocks[3 * b] = e;
+            blocks[3 * b + 1] = p0;
+            blocks[3 * b + 2] = offsets[e + 1] - p0 < block_rows ? offsets[e + 1] - p0 : block_rows;
+        }
+    *num_blocks = n;
+    return blocks;
+}
+
+/* The expert products of moe_f32 for int8 experts in panels (cpu_kernels.pack_int8_experts: expert e's
+ * panel p of w13 is panel e * 2I / 16 + p of the stack, as rows would be), into ys [P, D] in expert
+ * order. Each expert's rows are rounded into int16 tiles of their own (gemm_int8_panels.c), its first
+ * row at the start of a tile, so that up to six rows of one expert meet each panel in outer products;
+ * the row-major kernel's dot products re-read the rows for every group of four columns. One MoE
+ * layer of the small benchmark model, 33 int8 experts, best of 5: see pack_int8_experts. */
+static void moe_int8_panels(const float* x, float* out, const float* weights, int64_t T, int64_t K, int64_t E,
+                            const int64_t* offsets, const int64_t* row_of, const int64_t* source, const int8_t* w13,
+                            const float* s13, const int8_t* w2, const float* s2, int64_t D, int64_t I, int threads) {
+    const int64_t P = T * K, pairs_d = i8p_pairs(D), pairs_i = i8p_pairs(I), block_rows = i8p_row_block(D);
+    int64_t* tiled = malloc(sizeof(int64_t) * (E + 1)); /* expert e's first row in the tiles */
+    int64_t* tile_row = malloc(sizeof(int64_t) * (P + 1)); /* row -> its row in the tiles */
+    tiled[0] = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t count = offsets[e + 1] - offsets[e];
+        tiled[e + 1] = tiled[e] + (count + I8P_TILE_ROWS - 1) / I8P_TILE_ROWS * I8P_TILE_ROWS;
+        for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) tile_row[r] = tiled[e] + r - offsets[e];
+    }
+    int64_t num_blocks;  /* of a multiple of six rows, so each starts a tile */
+    int64_t* blocks = row_blocks(offsets, E, block_rows, &num_blocks);
+    const int64_t rows_tiled = tiled[E], groups13 = 2 * I / PANEL, groups2 = D / PANEL;
+    int32_t* xp = malloc(sizeof(int32_t) * (rows_tiled * pairs_d + 1));
+    int32_t* hp = malloc(sizeof(int32_t) * (rows_tiled * pairs_i + 1));
+    Int16Row* x_rows = malloc(sizeof(Int16Row) * (rows_tiled + 1));
+    Int16Row* h_rows = malloc(sizeof(Int16Row) * (rows_tiled + 1));
+    float* h = malloc(sizeof(float) * P * 2 * I);
+    float* ys = malloc(sizeof(float) * P * D);
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < P; r++)
+            int8_panels_quantize_row(x + source[r] * D, D, tile_row[r], xp, x_rows + tile_row[r], 0);
+#pragma omp for schedule(guided)
+        for (int64_t j = 0; j < num_blocks * groups13; j++) {
+            const int64_t* block = blocks + 3 * (j / groups13);
+            const int64_t e = block[0], p0 = block[1], t0 = tile_row[p0], p = j % groups13;
+            int8_panel_rows(xp + t0 * pairs_d, pairs_d, block[2], w13 + (e * groups13 + p) * pairs_d * 2 * PANEL,
+                            x_rows + t0, s13 + e * 2 * I + p * PANEL, h + p0 * 2 * I + p * PANEL, 2 * I);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < P; r++) {
+            silu_mul(h + r * 2 * I, I);
+            int8_panels_quantize_row(h + r * 2 * I, I, tile_row[r], hp, h_rows + tile_row[r], 0);
+        }
+#pragma omp for schedule(guided)
+        for (int64_t j = 0; j < num_blocks * groups2; j++) {
+            const int64_t* block = blocks + 3 * (j / groups2);
+            const int64_t e = block[0], p0 = block[1], t0 = tile_row[p0], p = j % groups2;
+            int8_panel_rows(hp + t0 * pairs_i, pairs_i, block[2], w2 + (e * groups2 + p) * pairs_i * 2 * PANEL,
+                            h_rows + t0, s2 + e * D + p * PANEL, ys + p0 * D + p * PANEL, D);
+        }
+        weighted_sum(out, ys, weights, row_of, T, K, D);
+    }
+    free(tiled); free(tile_row); free(blocks); free(xp); free(hp); free(x_rows); free(h_rows); free(h); free(ys);
+}
+
 /* Routed experts of one layer in one call, from the router's choice to the weighted sum.
  * (token, expert) pairs are counting-sorted by expert so each selected expert's weights stream once
  * for all its tokens; every phase is one work-shared loop over all selected experts' columns, so a
@@ -162,9 +250,9 @@ static void silu_mul(float* row, int64_t I) {
  * per layer against 408 / 2,054 / 6,941 with chunks of 32 columns and 373 / 1,765 / 7,920 static.
  * x [T, D], ids and weights [T, K], w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I]: int8
  * with per-row scales s13 / s2 (activations rounded per row to int16, see gemm_int8.c), or fp32
- * (w_bf16 = 0) or bf16 when the scales are NULL; full-precision experts either row-major or (w_packed)
- * each packed by pack_panels (2I and D multiples of PANEL), which is what the CPU platform loads them
- * as: one MoE layer of the small benchmark model at 8 / 32 / 64 / 256 tokens, alternating, took
+ * (w_bf16 = 0) or bf16 when the scales are NULL. w_packed: bit 0 when w13, bit 1 when w2 is in panels
+ * (full precision: each packed by pack_panels, its N a multiple of PANEL; int8: both, see
+ * moe_int8_panels), which is what the CPU platform loads them as. Full precision: one MoE layer of the small benchmark model at 8 / 32 / 64 / 256 tokens, alternating, took
  * 0.88 / 0.69 / 0.70 / 0.71 of the row-major time in fp32 and 0.80 / 0.64 / 0.58 / 0.67 in bf16
  * (cold weights; 2,048 tokens 0.99 and 0.93), since no panel is transposed per call and a few rows
  * meet each weight vector in six-row outer products instead of four-row dot products. */
@@ -176,29 +264,8 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
     int64_t* offsets = calloc(E + 1, sizeof(int64_t));
     int64_t* row_of = malloc(sizeof(int64_t) * P);   /* (token, k) -> its row in expert order */
     int64_t* source = malloc(sizeof(int64_t) * P);   /* row -> token */
-    float* xs = malloc(sizeof(float) * P * D);
-    float* h = malloc(sizeof(float) * P * 2 * I);
-    float* ys = malloc(sizeof(float) * P * D);
-    /* int16 rows of xs and of the SiLU products, and their scales (int8 weights only) */
-    int16_t* xq = quantized ? malloc(sizeof(int16_t) * (P * D32 + 1)) : NULL;
-    int16_t* hq = quantized ? malloc(sizeof(int16_t) * (P * I32 + 1)) : NULL;
-    float* xq_scale = quantized ? malloc(sizeof(float) * P) : NULL;
-    float* hq_scale = quantized ? malloc(sizeof(float) * P) : NULL;
     for (int64_t p = 0; p < P; p++) offsets[ids[p] + 1]++;
     for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
-    /* row blocks: (expert, first row, rows), every selected expert's rows; int8 experts in blocks of
-     * at most ROW_BLOCK rows (see the work items below), fp32 ones whole, so that each transposes
-     * a panel of its weight once per call (gemm_cols_f32_panel) */
-    const int64_t block_rows = quantized ? ROW_BLOCK : (P > 0 ? P : 1);
-    int64_t num_blocks = 0;
-    for (int64_t e = 0; e < E; e++) num_blocks += (offsets[e + 1] - offsets[e] + block_rows - 1) / block_rows;
-    int64_t* blocks = malloc(sizeof(int64_t) * 3 * (num_blocks + 1));
-    for (int64_t e = 0, b = 0; e < E; e++)
-        for (int64_t p0 = offsets[e]; p0 < offsets[e + 1]; p0 += block_rows, b++) {
-            blocks[3 * b] = e;
-            blocks[3 * b + 1] = p0;
-            blocks[3 * b + 2] = offsets[e + 1] - p0 < block_rows ? offsets[e + 1] - p0 : block_rows;
-        }
     {
         int64_t* fill = malloc(sizeof(int64_t) * E);
         for (int64_t e = 0; e < E; e++) fill[e] = offsets[e];
@@ -209,6 +276,24 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
         }
         free(fill);
     }
+    const int packed13 = w_packed & 1, packed2 = w_packed >> 1 & 1;
+    if (quantized && packed13 && packed2) {
+        moe_int8_panels(x, out, weights, T, K, E, offsets, row_of, source, w13, s13, w2, s2, D, I, threads);
+        free(offsets); free(row_of); free(source);
+        return;
+    }
+    float* xs = malloc(sizeof(float) * P * D);
+    float* h = malloc(sizeof(float) * P * 2 * I);
+    float* ys = malloc(sizeof(float) * P * D);
+    /* int16 rows of xs and of the SiLU products, and their scales (int8 weights only) */
+    int16_t* xq = quantized ? malloc(sizeof(int16_t) * (P * D32 + 1)) : NULL;
+    int16_t* hq = quantized ? malloc(sizeof(int16_t) * (P * I32 + 1)) : NULL;
+    float* xq_scale = quantized ? malloc(sizeof(float) * P) : NULL;
+    float* hq_scale = quantized ? malloc(sizeof(float) * P) : NULL;
+    /* row blocks: int8 experts in blocks of at most ROW_BLOCK rows (see the work items below), fp32
+     * ones whole, so that each transposes a panel of its weight once per call (gemm_cols_f32_panel) */
+    int64_t num_blocks;
+    int64_t* blocks = row_blocks(offsets, E, quantized ? ROW_BLOCK : (P > 0 ? P : 1), &num_blocks);
     /* work items: groups of output columns (4 for int8 weights, 2 for fp32) of every row block, the
      * groups of one block consecutive, so a thread's run of items reuses the block's rows from L2.
      * (With items of all of an expert's rows, the shared expert of a 2,048-token prefill re-read
@@ -217,7 +302,7 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
     const int64_t groups13 = (2 * I + width - 1) / width, groups2 = (D + width - 1) / width;
 #pragma omp parallel num_threads(threads)
     {
-        float* panel = quantized || w_packed ? NULL : malloc(sizeof(float) * PANEL * (D > I ? D : I));
+        float* panel = quantized || (packed13 && packed2) ? NULL : malloc(sizeof(float) * PANEL * (D > I ? D : I));
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < P; r++) {
             for (int64_t d = 0; d < D; d++) xs[r * D + d] = x[source[r] * D + d];
@@ -231,7 +316,7 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
             if (quantized)
                 int8_cols(xs + p0 * D, D, xq + p0 * D32, xq_scale + p0, rows, D, (const int8_t*)w13 + e * 2 * I * D,
                           s13 + e * 2 * I, h + p0 * 2 * I, 2 * I, n0, n1);
-            else if (w_packed)  /* panel n0 / PANEL of expert e sits where its row n0 did */
+            else if (packed13)  /* panel n0 / PANEL of expert e sits where its row n0 did */
                 gemm_cols_packed(xs + p0 * D, D, w_at(w13, (e * 2 * I + n0) * D, w_bf16), w_bf16, D, h + p0 * 2 * I,
                                  2 * I, rows, n0, n1);
             else if (rows >= PANEL_MIN_ROWS)
@@ -255,7 +340,7 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
             if (quantized)
                 int8_cols(h + p0 * 2 * I, 2 * I, hq + p0 * I32, hq_scale + p0, rows, I, (const int8_t*)w2 + e * D * I,
                           s2 + e * D, ys + p0 * D, D, n0, n1);
-            else if (w_packed)
+            else if (packed2)
                 gemm_cols_packed(h + p0 * 2 * I, 2 * I, w_at(w2, (e * D + n0) * I, w_bf16), w_bf16, I, ys + p0 * D, D,
                                  rows, n0, n1);
             else if (rows >= PANEL_MIN_ROWS)
@@ -265,16 +350,7 @@ void moe_f32(const float* x, float* out, const int64_t* ids, const float* weight
                 gemm_cols(h + p0 * 2 * I, w_at(w2, e * D * I, w_bf16), w_bf16, ys + p0 * D, rows, I, 2 * I, D, n0,
                           n1);
         }
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            float* o = out + t * D;
-            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            for (int64_t k = 0; k < K; k++) {
-                const float w = weights[t * K + k];
-                const float* y = ys + row_of[t * K + k] * D;
-                for (int64_t d = 0; d < D; d++) o[d] += w * y[d];
-            }
-        }
+        weighted_sum(out, ys, weights, row_of, T, K, D);
         free(panel);
     }
     free(offsets); free(blocks); free(row_of); free(source); free(xs); free(h); free(ys);

@@ -20,9 +20,22 @@ static inline int64_t i8p_words(int64_t M, int64_t K) {
     return (M + I8P_TILE_ROWS - 1) / I8P_TILE_ROWS * I8P_TILE_ROWS * i8p_pairs(K);
 }
 
-/* Inside a parallel region, every thread: rows [0, M) of x rounded into xp (i8p_words zeroed words),
- * their scales and norms into rows. Ends in a barrier. */
-void int8_panels_quantize(const float* x, int64_t xs, int64_t M, int64_t K, int32_t* xp, Int16Row* rows);
+/* Row x [K] rounded into row m of xp's tiles (every word of its pairs written), its scale into *row,
+ * and with `norms` its norms (else 0). */
+void int8_panels_quantize_row(const float* x, int64_t K, int64_t m, int32_t* xp, Int16Row* row, int norms);
+
+/* Inside a parallel region, every thread: rows [0, M) of x rounded into xp (i8p_words words), their
+ * scales, and with `norms` their norms, into rows. Ends in a barrier. */
+void int8_panels_quantize(const float* x, int64_t xs, int64_t M, int64_t K, int32_t* xp, Int16Row* rows, int norms);
+
+/* Rows [0, M) of xp's tiles (xp at the tile of row 0, `pairs` k-pairs a row) against one panel over all
+ * of K: y[m][j] = sum_k xq[m][k] q[16p + j][k] for j < 16, with col_scale (the panel's 16) scaled by
+ * rows[m].scale * col_scale[j]. Rows of y a tile does not hold are left alone. */
+void int8_panel_rows(const int32_t* xp, int64_t pairs, int64_t M, const int8_t* panel, const Int16Row* rows,
+                     const float* col_scale, float* y, int64_t ys);
+
+/* Rows of x per block whose int16 tiles stay in L2 while panels stream past (a multiple of the tile). */
+int64_t i8p_row_block(int64_t K);
 
 /* Inside a parallel region, every thread, after int8_panels_quantize: y[m][n] = sum_k xq[m][k] q[n][k]
  * over the panels qp (cpu_kernels.pack_int8_panels), in fp32, for every column of every panel (y has

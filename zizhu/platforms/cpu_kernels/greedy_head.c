@@ -133,7 +133,7 @@ void greedy_head_f32(const float* x, int64_t xs, int64_t M, int64_t K, const voi
     const int64_t cap = N / 16 > 64 ? N / 16 : 64;
 #pragma omp parallel num_threads(threads)
     {
-        int8_panels_quantize(x, xs, M, K, xp, rs);
+        int8_panels_quantize(x, xs, M, K, xp, rs, 1);
         int8_panels_products(xp, rs, M, K, qp, N, NULL, sums, Np);
         Candidates cand = {malloc(sizeof(int64_t) * cap), 0, cap};
 #pragma omp for schedule(dynamic, 1)
