@@ -1,6 +1,5 @@
-"""The CPU platform's int8 panels (gemm_int8_panels.c), which an int8 vocabulary head takes: the
-same products as the row-major int8 kernel at every tiling, on weights made small enough to test by
-lowering the size from which prepare_linear uses them."""
+"""The CPU platform's int8 panels (gemm_int8_panels.c), the layout prepare_linear gives every int8
+weight: the same products as the row-major int8 kernel at every tiling."""
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no native CP
 
 
 @pytest.fixture
-def platform(monkeypatch):
-    monkeypatch.setattr(cpu_platform, "LARGE_WEIGHT_BYTES", 0)
+def platform():
     return cpu_platform.CpuPlatform()
 
 

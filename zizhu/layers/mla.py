@@ -74,12 +74,15 @@ class MLAttention(nn.Module):
     def prepare_decode_layer(self, input_norm: RMSNorm) -> None:
         """With a q LoRA and the projections all int8 or all full precision (and no bias), bundle
         the weights a decode step reads, so that decode-only steps run the whole layer as one
-        platform call (`Platform.mla_decode_layer`). Full-precision projections are handed to the
-        platform first (`Linear.prepare`): the bundle and the prefill then read its layout of them."""
+        platform call (`Platform.mla_decode_layer`). The projections are handed to the platform
+        first (`Linear.prepare`, `Int8Linear.prepare`): the bundle and the prefill then read its
+        layout of them."""
         projections = [getattr(self, name, None) for name in ("q_kv_a_proj", "q_b_proj", "o_proj")]
         if not self.q_lora_rank or any(p is None or p.bias is not None for p in projections):
             return
         if all(isinstance(p, Int8Linear) for p in projections):
+            for p in projections:
+                p.prepare()
             (q_kv_a, q_kv_a_scale), (q_b, q_b_scale), (o, o_scale) = [(p.qweight, p.scale) for p in projections]
         elif all(type(p) is Linear for p in projections):
             for p in projections:

@@ -64,6 +64,16 @@ class Router(nn.Module):
         )
 
 
+def prepare_int8_pair(module: nn.Module, platform) -> None:
+    """Hand a module's int8 stacks `w13` and `w2` (buffers, their scales beside them) to the platform
+    (`Platform.prepare_experts`), and take its form of them only if both came back prepared: the
+    kernels read the two as a pair."""
+    w13, w2 = platform.prepare_experts(module.w13), platform.prepare_experts(module.w2)
+    if w13 is not module.w13 and w2 is not module.w2:
+        module.register_buffer("w13", w13)
+        module.register_buffer("w2", w2)
+
+
 class Experts(nn.Module):
     """All routed experts of a layer as two stacked tensors, so a platform can run them grouped
     (and, where the platform sums experts in fp32, the shared ones after them: MoE.fold_shared_experts)."""
@@ -80,10 +90,7 @@ class Experts(nn.Module):
         quantize_experts left them, with their scales) are taken in their new form only if both came
         back prepared: the kernels read w13 and w2 as a pair."""
         if not self.w13.is_floating_point():
-            prepared = [platform.prepare_experts(self.w13), platform.prepare_experts(self.w2)]
-            if prepared[0] is not self.w13 and prepared[1] is not self.w2:
-                self.register_buffer("w13", prepared[0])
-                self.register_buffer("w2", prepared[1])
+            prepare_int8_pair(self, platform)
             return
         for name in ("w13", "w2"):
             weight = getattr(self, name)

@@ -14,7 +14,7 @@ from torch import nn
 
 from zizhu import ops
 from zizhu.layers.linear import prepare_weight
-from zizhu.layers.moe import MLP, Experts
+from zizhu.layers.moe import MLP, Experts, prepare_int8_pair
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,10 @@ class Int8MLP(nn.Module):
         self.register_buffer("w2", q2)
         self.register_buffer("w2_scale", s2.to(dtype))
         self.platform = platform
+
+    def prepare(self) -> None:
+        """Hand the stacks to the platform (`Platform.prepare_experts`), as routed experts are."""
+        prepare_int8_pair(self, self.platform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = torch.zeros(x.shape[0], 1, dtype=torch.int64, device=x.device)

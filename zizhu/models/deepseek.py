@@ -21,6 +21,7 @@ from zizhu.layers.linear import Linear
 from zizhu.layers.mla import MLAttention
 from zizhu.layers.moe import MLP, MoE
 from zizhu.layers.norm import RMSNorm
+from zizhu.layers.quant import Int8MLP
 from zizhu.layers.rope import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ class DeepseekForCausalLM(nn.Module):
         """After loading (and quantizing): let the platform lay out the weights that only the
         forward pass reads: the vocabulary head (full precision or int8), the largest one, unless
         the embedding shares it, and a full-precision one's screen for greedy tokens
-        (Platform.prepare_greedy_head); the stacked experts; the MLA layers' decode bundles
+        (Platform.prepare_greedy_head); the stacked experts, and a dense layer's int8 MLP, which is
+        stacked as one expert; the MLA layers' decode bundles
         (MLADecodeLayer), and with one for every layer, the whole stack's (DecodeStack), so a
         decode-only step runs all its layers as one platform call."""
         if not self.cfg.tie_word_embeddings:
@@ -117,6 +119,8 @@ class DeepseekForCausalLM(nn.Module):
             layer.self_attn.prepare_decode_layer(layer.input_layernorm)
             if layer.moe:
                 layer.mlp.experts.prepare(self.platform)
+            elif isinstance(layer.mlp, Int8MLP):  # a dense layer, one always-chosen int8 expert
+                layer.mlp.prepare()
         bundles = [layer.decode_bundle() for layer in self.model.layers]
         self.decode_stack = ops.DecodeStack(tuple(bundles)) if bundles and all(bundles) else None
 

@@ -111,16 +111,17 @@ class CpuPlatform(Platform):
     # (800 x 1,024, 1,536 x 512, 1,024 x 1,024): 1.08-1.12x the time at one row, 0.66-0.73x at 8 to 64
     # rows, and at 512 and 2,048 rows 0.58-0.61x, level with MKL's GEMM (0.58-0.67x). The vocabulary
     # head, best of 5: 129,280 x 256 at 64 rows 47.8 vs 25.9 ms, 8 rows 6.9 vs 5.1, one row 4.1 vs 4.2;
-    # 129,280 x 1,024 at 64 rows 167 vs 109 ms, one row 19.4 vs 17.8. An int8 weight of 64 MB and more
-    # (an int8 model's vocabulary head) goes into int8 panels (gemm_int8_panels.c), which against the
-    # row-major integer kernel, alternating, medians of 7, take on the small model's 129,280 x 1,024
-    # head 0.73x the time at 32 rows, 0.71x at 64, 0.80x at 8 and 1.01-1.07x at one. Smaller int8
-    # weights stay row-major: the fused decode layers read them so.
+    # 129,280 x 1,024 at 64 rows 167 vs 109 ms, one row 19.4 vs 17.8. An int8 weight goes into int8
+    # panels (gemm_int8_panels.c), which against the row-major integer kernel, alternating, take on the
+    # small model's 129,280 x 1,024 head (medians of 7) 0.73x the time at 32 rows, 0.71x at 64, 0.80x
+    # at 8 and 1.01-1.07x at one, and on 12 cold copies of its MLA projections (median ratio of 41
+    # pairs, then medians of 3-9) 1.05-1.06x at one row, 1.02x at 4, 0.97x at 8, 0.83x at 32, 0.74x
+    # at 64, 0.67x at 512 and 0.60x at 2,048.
     def prepare_linear(self, weight: torch.Tensor):
         lib = cpu_kernels.load()
         if lib is not None and cpu_kernels.can_pack(weight):
             return cpu_kernels.pack_weight(lib, weight)  # in place: the caller drops its [N, K] view
-        if lib is not None and weight.dtype == torch.int8 and weight.dim() == 2 and weight.numel() >= LARGE_WEIGHT_BYTES:
+        if lib is not None and weight.dtype == torch.int8 and weight.dim() == 2:
             return cpu_kernels.pack_int8_panels(weight)
         return weight
 
@@ -334,8 +335,9 @@ class CpuPlatform(Platform):
             if all(s is None for s in scales):  # full precision: one dtype the fp32 kernels read
                 weights_ok = projections[0].dtype in cpu_kernels.WEIGHT_DTYPES and all(
                     p.dtype == projections[0].dtype for p in projections)
-            else:
-                weights_ok = all(p.dtype == torch.int8 for p in projections) and all(
+            else:  # int8, all row-major or all in int8 panels (one flag tells mla_layer.c)
+                in_panels = {isinstance(p, cpu_kernels.Int8Panels) for p in (layer.q_kv_a, layer.q_b, layer.o)}
+                weights_ok = all(p.dtype == torch.int8 for p in projections) and len(in_panels) == 1 and all(
                     s is not None and s.dtype == f32 and s.is_contiguous() for s in scales)
             native = self._native_layers[layer] = (
                 weights_ok

@@ -96,7 +96,7 @@ def load() -> ctypes.CDLL | None:
         [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_float]
         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2
         + [ctypes.c_void_p, ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 2
-        + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+        + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int]
         + [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     )
     lib.decode_stack_f32.restype = None
@@ -331,7 +331,8 @@ def mla_decode_layer(lib: ctypes.CDLL, h: torch.Tensor, layer, cos, sin, interle
         layer.q_a_norm.data_ptr(), layer.q_a_eps, _ptr(layer.q_b), _ptr(layer.q_b_scale),
         layer.kv_a_norm.data_ptr(), layer.kv_a_eps,
         layer.w_uk.data_ptr(), layer.w_uv.data_ptr(), _bf16(layer.w_uk),
-        _ptr(layer.o), _ptr(layer.o_scale), _bf16(layer.o), _tail(layer.q_kv_a), _tail(layer.q_b), _tail(layer.o),
+        _ptr(layer.o), _ptr(layer.o_scale), _bf16(layer.o), int(isinstance(layer.o, Int8Panels)),
+        _tail(layer.q_kv_a), _tail(layer.q_b), _tail(layer.o),
         layer.num_heads, layer.nope_dim, layer.rope_dim, layer.v_dim, rank, layer.scale,
         cos.data_ptr(), sin.data_ptr(), int(interleaved), cache.data_ptr(), _bf16(cache),
         slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), cache.shape[1], torch.get_num_threads(),
@@ -505,7 +506,7 @@ class DecodeLayerArgs(ctypes.Structure):
         ("q_b", ctypes.c_void_p), ("q_b_scale", ctypes.c_void_p),
         ("kv_a_norm", ctypes.c_void_p), ("kv_a_eps", ctypes.c_float),
         ("w_uk", ctypes.c_void_p), ("w_uv", ctypes.c_void_p), ("w_bf16", ctypes.c_int),
-        ("o", ctypes.c_void_p), ("o_scale", ctypes.c_void_p), ("proj_bf16", ctypes.c_int),
+        ("o", ctypes.c_void_p), ("o_scale", ctypes.c_void_p), ("proj_bf16", ctypes.c_int), ("int8_panels", ctypes.c_int),
         ("q_kv_a_tail", ctypes.c_void_p), ("q_b_tail", ctypes.c_void_p), ("o_tail", ctypes.c_void_p),
         ("heads", ctypes.c_int64), ("nope", ctypes.c_int64), ("rope", ctypes.c_int64), ("v_dim", ctypes.c_int64),
         ("rank", ctypes.c_int64), ("scale", ctypes.c_float),
@@ -519,7 +520,7 @@ class DecodeLayerArgs(ctypes.Structure):
     ]
 
 
-def _ptr(t: "torch.Tensor | PackedWeight | None") -> int | None:
+def _ptr(t: "torch.Tensor | PackedWeight | Int8Panels | None") -> int | None:
     return None if t is None else stored(t).data_ptr()
 
 
@@ -528,9 +529,9 @@ def _tail(w) -> int | None:
     return w.tail.data_ptr() if isinstance(w, PackedWeight) else None
 
 
-def stored(w: "torch.Tensor | PackedWeight") -> torch.Tensor:
+def stored(w: "torch.Tensor | PackedWeight | Int8Panels") -> torch.Tensor:
     """The tensor that holds a projection's values: a packed one's panels, else the weight itself."""
-    return w.panels if isinstance(w, PackedWeight) else w
+    return w.panels if isinstance(w, (PackedWeight, Int8Panels)) else w
 
 
 # what a block without a router (a dense MLP) passes for routing: no routed experts
@@ -548,7 +549,7 @@ def decode_stack_table(stack) -> ctypes.Array:
             _ptr(a.input_norm), a.input_eps, _ptr(a.q_kv_a), _ptr(a.q_kv_a_scale), a.q_lora_rank,
             _ptr(a.q_a_norm), a.q_a_eps, _ptr(a.q_b), _ptr(a.q_b_scale), _ptr(a.kv_a_norm), a.kv_a_eps,
             _ptr(a.w_uk), _ptr(a.w_uv), _bf16(a.w_uk), _ptr(a.o), _ptr(a.o_scale),
-            _bf16(a.o), _tail(a.q_kv_a), _tail(a.q_b), _tail(a.o),
+            _bf16(a.o), int(isinstance(a.o, Int8Panels)), _tail(a.q_kv_a), _tail(a.q_b), _tail(a.o),
             a.num_heads, a.nope_dim, a.rope_dim, a.v_dim, a.kv_a_norm.shape[0], a.scale,
             _ptr(f.norm), f.eps, _ptr(f.router), _ptr(f.bias), 0 if f.router is None else f.router.shape[0],
             SCORING[r.scoring], METHODS[r.method], r.n_group, r.topk_group, r.top_k, int(r.norm_topk_prob), r.scaling,

@@ -34,6 +34,7 @@ typedef struct {
     const void* o;
     const float* o_scale;
     int proj_bf16;
+    int int8_panels; /* int8 projections in int8 panels */
     const void* q_kv_a_tail; /* non-NULL: that projection packed by pack_panels, this its tail panel */
     const void* q_b_tail;
     const void* o_tail;
@@ -69,7 +70,8 @@ void decode_stack_f32(const DecodeLayer* layers, int64_t L, const float* h, floa
         const DecodeLayer* y = layers + l;
         mla_decode_layer_f32(l == 0 ? h : out, attended, B, D, y->input_norm, y->input_eps, y->q_kv_a,
                              y->q_kv_a_scale, y->q_lora, y->q_a_norm, y->q_a_eps, y->q_b, y->q_b_scale, y->kv_a_norm,
-                             y->kv_a_eps, y->w_uk, y->w_uv, y->w_bf16, y->o, y->o_scale, y->proj_bf16, y->q_kv_a_tail,
+                             y->kv_a_eps, y->w_uk, y->w_uv, y->w_bf16, y->o, y->o_scale, y->proj_bf16, y->int8_panels,
+                             y->q_kv_a_tail,
                              y->q_b_tail, y->o_tail, y->heads,
                              y->nope, y->rope, y->v_dim, y->rank, y->scale, cos, sin, interleaved, caches[l],
                              cache_bf16, slots, tables, table_stride, seq_lens, block_size, threads);

@@ -34,6 +34,11 @@ void int8_panels_quantize(const float* x, int64_t xs, int64_t M, int64_t K, int3
 void int8_panel_rows(const int32_t* xp, int64_t pairs, int64_t M, const int8_t* panel, const Int16Row* rows,
                      const float* col_scale, float* y, int64_t ys);
 
+/* y = x @ (q * scale)^T for M fp32 rows of x (row stride xs) and an int8 weight in panels qp
+ * (cpu_kernels.pack_int8_panels) with per-row scales `scale [N]`; y's row stride ys. */
+void int8_gemm_panels_f32(const float* x, int64_t xs, int64_t M, int64_t K, const int8_t* qp, const float* scale,
+                          int64_t N, float* y, int64_t ys, int threads);
+
 /* Rows of x per block whose int16 tiles stay in L2 while panels stream past (a multiple of the tile). */
 int64_t i8p_row_block(int64_t K);
 
