@@ -223,8 +223,7 @@ def can_pack_int8_experts(weight: torch.Tensor) -> bool:
 def pack_int8_experts(weight: torch.Tensor) -> torch.Tensor:
     """A copy of stacked int8 experts (see can_pack_int8_experts) in int8 panels, `[E, N / 16, ceil(K / 2),
     16, 2]` (Int8Panels' layout, expert by expert): moe_f32 then meets up to six of an expert's rows
-    with each panel in outer products. One MoE layer of the small benchmark model (33 experts, 4
-    routed + 1 shared a token), alternating with the row-major stacks: see gemm.c's moe_int8_panels."""
+    with each panel in outer products (gemm.c's moe_int8_panels, with what it gains)."""
     experts, n, k = weight.shape
     pairs = -(-k // 2)
     padded = weight if k == 2 * pairs else torch.nn.functional.pad(weight, (0, 1))
