@@ -40,8 +40,9 @@ class Sampler:
         head. A row that takes the plain argmax of its logits (greedy, no logprobs, no penalty or
         min_tokens in force) gets `model.greedy_tokens`, which need not form the whole logits
         (Platform.greedy_head); the others get their logits and `__call__`."""
-        plain = [i for i, r in enumerate(requests) if _argmax_only(r)]
-        rest = [i for i, r in enumerate(requests) if not _argmax_only(r)]
+        argmax_only = [_argmax_only(r) for r in requests]
+        plain = [i for i, only in enumerate(argmax_only) if only]
+        rest = [i for i, only in enumerate(argmax_only) if not only]
         tokens: list[int] = [0] * len(requests)
         logprobs: list[SampledLogprobs | None] = [None] * len(requests)
         if plain:

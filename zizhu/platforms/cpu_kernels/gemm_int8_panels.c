@@ -220,7 +220,7 @@ int64_t i8p_row_block(int64_t K) {
 void int8_gemm_panels_f32(const float* x, int64_t xs, int64_t M, int64_t K, const int8_t* qp, const float* scale,
                           int64_t N, float* y, int64_t ys, int threads) {
     const int64_t panels = (N + PANEL - 1) / PANEL, Np = panels * PANEL;
-    int32_t* xp = calloc(i8p_words(M, K) + 1, sizeof(int32_t));
+    int32_t* xp = malloc(sizeof(int32_t) * (i8p_words(M, K) + 1)); /* every word a row of x reads is written */
     Int16Row* rows = malloc(sizeof(Int16Row) * (M + 1));
     /* the last panel's padding columns need room: padded scales and a scratch output, unless N is
      * whole panels */

@@ -124,7 +124,7 @@ void greedy_head_f32(const float* x, int64_t xs, int64_t M, int64_t K, const voi
                      int64_t N, const int8_t* qp, const float* w_scale, const float* dw, const float* g, int64_t* out,
                      int threads) {
     const int64_t Np = (N + PANEL - 1) / PANEL * PANEL;
-    int32_t* xp = calloc(i8p_words(M, K) + 1, sizeof(int32_t));
+    int32_t* xp = malloc(sizeof(int32_t) * (i8p_words(M, K) + 1)); /* every word a row of x reads is written */
     Int16Row* rs = malloc(sizeof(Int16Row) * (M + 1));
     float* sums = malloc(sizeof(float) * M * Np);
     /* fp32 rounding: of the exact sums (at most K u relative to sum |x_k w_k| <= |x| |w|) and of the
